@@ -3,4 +3,89 @@
 Every loss module is called as ``loss(student, teacher, ctx)`` where ``student`` and ``teacher``
 are equal-length lists of matched pyramid levels (``N x C x H x W`` each) and ``ctx`` is a
 :class:`lrdet_core.DistillContext`. It returns a scalar tensor (fp32), summed over levels.
+
+Common rules:
+
+* Argument order is always ``(student, teacher)``. The teacher is a target: no gradient flows
+  into it on any backend.
+* Inputs may be fp16, bf16 or fp32 in any mix (e.g. a bf16 student and an fp32 teacher); the
+  loss is computed and accumulated in fp32, also inside an autocast region. fp64 stays fp64.
+* ``backend``: ``"torch"`` (eager), ``"compile"`` (``torch.compile`` of the eager per-level
+  function), ``"triton"`` (the fused kernels of :mod:`lrdet_core.kernels`, imported on first
+  use) or ``"auto"`` (Triton for CUDA tensors when triton and the kernel are installed, else
+  eager). FGD's GcBlock term always runs eagerly.
+* Bad input raises :class:`lrdet_core.errors.LossError` naming what was expected and received.
+
+Example:
+    >>> import torch
+    >>> loss = build_loss("mse")
+    >>> s, t = [torch.ones(1, 2, 4, 4)], [torch.zeros(1, 2, 4, 4)]
+    >>> RECOMMENDED_ALPHA["mse"] * loss(s, t)
+    tensor(0.1600)
 """
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Dict, Union
+
+from torch import nn
+
+from lrdet_core.errors import LossError
+from lrdet_core.losses.cwd import CWDLoss, cwd
+from lrdet_core.losses.fgd import (FGD_PRESETS, FGDLoss, GcBlock, channel_attention, fgd, fgd_global,
+                                   fgd_masks, fgd_terms, spatial_attention)
+from lrdet_core.losses.l1 import L1Loss, l1
+from lrdet_core.losses.mse import MSELoss, mse
+
+#: The loss classes by name; ``build_loss(name, **kwargs)`` instantiates one.
+LOSSES: Dict[str, type] = {"mse": MSELoss, "l1": L1Loss, "cwd": CWDLoss, "fgd": FGDLoss}
+
+#: The distiller weight ``alpha`` (on the loss's output) recommended for each named loss with its
+#: default arguments. See ``docs/losses.md`` for the magnitudes behind these numbers.
+RECOMMENDED_ALPHA: Dict[str, float] = {"mse": 0.005, "l1": 0.006, "cwd": 2e4, "fgd": 1.0}
+
+LossSpec = Union[str, nn.Module, Callable]
+
+
+def build_loss(spec: LossSpec, **kwargs) -> Callable:
+    """A distillation loss from a name in :data:`LOSSES`, an ``nn.Module`` or a callable.
+
+    Args:
+        spec: ``"mse"``, ``"l1"``, ``"cwd"``, ``"fgd"``; or an ``nn.Module`` / any callable
+            ``(student, teacher, ctx) -> Tensor``, returned as is.
+        **kwargs: arguments of the named loss's constructor (only with a name).
+
+    Raises:
+        LossError: for an unknown name (the message lists the valid names and the closest one),
+            for keyword arguments given with an object, or for something that is not callable.
+
+    Example:
+        >>> build_loss("cwd", tau=2.0)
+        CWDLoss(tau=2.0, weight=1.0, backend='auto')
+        >>> build_loss("msee")
+        Traceback (most recent call last):
+        ...
+        lrdet_core.errors.LossError: unknown loss 'msee'; expected one of 'mse', 'l1', 'cwd', 'fgd' (did you mean 'mse'?), an nn.Module or a callable (student, teacher, ctx) -> Tensor
+    """
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key not in LOSSES:
+            close = difflib.get_close_matches(key, list(LOSSES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LossError(f"unknown loss {spec!r}; expected one of {', '.join(map(repr, LOSSES))}{hint}, "
+                            f"an nn.Module or a callable (student, teacher, ctx) -> Tensor")
+        return LOSSES[key](**kwargs)
+    if callable(spec):
+        if kwargs:
+            raise LossError(f"keyword arguments {sorted(kwargs)} only apply to a loss given by name, "
+                            f"but got a {type(spec).__name__}; configure the object before passing it")
+        return spec
+    raise LossError(f"expected a loss name ({', '.join(map(repr, LOSSES))}), an nn.Module or a callable "
+                    f"(student, teacher, ctx) -> Tensor, but got {type(spec).__name__}")
+
+
+__all__ = [
+    "LOSSES", "RECOMMENDED_ALPHA", "FGD_PRESETS", "build_loss",
+    "MSELoss", "L1Loss", "CWDLoss", "FGDLoss", "GcBlock",
+    "mse", "l1", "cwd", "fgd", "fgd_terms", "fgd_global", "fgd_masks", "spatial_attention", "channel_attention",
+]

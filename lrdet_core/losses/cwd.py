@@ -1,0 +1,114 @@
+"""Channel-wise distillation (CWD): a KL divergence between per-channel spatial distributions."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lrdet_core.errors import LossError
+from lrdet_core.losses._common import (Levels, acc_dtype, check_backend, check_levels, check_pair,
+                                       check_positive, compiled, load_kernel, no_autocast,
+                                       resolve_backend, triton_inputs)
+
+
+def _cwd_eager(student: Tensor, teacher: Tensor, tau: float, dtype: torch.dtype) -> Tensor:
+    n, c = student.shape[:2]
+    # log_softmax on both sides: softmax-then-log underflows to log(0) = -inf for logits
+    # around 1e2 apart and turns 0 * -inf into NaN; in log space every term stays finite.
+    log_p_s = torch.log_softmax(student.to(dtype).flatten(2) / tau, dim=-1)
+    log_p_t = torch.log_softmax(teacher.detach().to(dtype).flatten(2) / tau, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return kl * (tau * tau / (n * c))
+
+
+def cwd(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto") -> Tensor:
+    r"""Channel-wise distillation loss of one pyramid level, without the loss weight.
+
+    Each channel's activation map is turned into a distribution over the :math:`HW` cells
+    and the student's is pulled towards the teacher's:
+
+    .. math::
+        \ell = \frac{\tau^2}{N C} \sum_{n,c}
+        \mathrm{KL}\big(\mathrm{softmax}_{hw}(T_{nc}/\tau) \,\|\, \mathrm{softmax}_{hw}(S_{nc}/\tau)\big)
+
+    Evaluated in log space, so it stays finite for logits of any size (e.g. :math:`\pm 10^4`).
+
+    Args:
+        student: student (bridge) features of one level.
+        teacher: teacher features of the same level, same shape.
+        tau: softmax temperature, > 0.
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``.
+
+    Shape:
+        - student, teacher: :math:`(N, C, H, W)`.
+        - output: scalar.
+
+    Example:
+        >>> t = torch.zeros(1, 1, 1, 2)
+        >>> s = torch.tensor([[[[0.0, 2.0]]]])
+        >>> cwd(s, t)  # KL((1/2, 1/2) || softmax(0, 2))
+        tensor(0.4338)
+        >>> cwd(t, t)
+        tensor(0.)
+
+    Reference:
+        Shu et al., "Channel-wise knowledge distillation for dense prediction", ICCV 2021.
+    """
+    check_pair(student, teacher)
+    tau = check_positive("tau", tau)
+    backend = resolve_backend(backend, student, "cwd")
+    if backend == "triton":
+        s, t = triton_inputs(student, teacher)
+        return load_kernel("cwd", "cwd_triton")([s], [t], tau)
+    fn = _cwd_eager if backend == "torch" else compiled(_cwd_eager)
+    with no_autocast(student):
+        return fn(student, teacher, tau, acc_dtype(student, teacher))
+
+
+class CWDLoss(nn.Module):
+    r"""Channel-wise distillation summed over matched pyramid levels, times ``weight``.
+
+    ``forward`` returns :math:`w \sum_l \text{cwd}(S_l, T_l, \tau)`. The recommended distiller
+    weight is in :data:`lrdet_core.losses.RECOMMENDED_ALPHA` (with ``weight=1``, ``tau=1``).
+
+    Args:
+        tau: softmax temperature, > 0 (default 1).
+        weight: a constant factor on the summed loss (default 1).
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``.
+
+    Shape:
+        - student, teacher: equal-length lists of :math:`(N, C_l, H_l, W_l)` tensors.
+        - output: fp32 scalar.
+
+    Example:
+        >>> loss = CWDLoss(tau=1.0, weight=2.0)
+        >>> loss([torch.tensor([[[[0.0, 2.0]]]])], [torch.zeros(1, 1, 1, 2)])
+        tensor(0.8676)
+
+    Reference:
+        Shu et al., "Channel-wise knowledge distillation for dense prediction", ICCV 2021.
+    """
+
+    def __init__(self, tau: float = 1.0, weight: float = 1.0, backend: str = "auto") -> None:
+        super().__init__()
+        self.tau = check_positive("tau", tau)
+        if not isinstance(weight, (int, float)) or weight != weight:
+            raise LossError(f"expected weight to be a number, but got {weight!r}")
+        self.weight = float(weight)
+        self.backend = check_backend(backend)
+
+    def forward(self, student: Levels, teacher: Levels, ctx: Optional[object] = None) -> Tensor:
+        s_list, t_list = check_levels(student, teacher)
+        backend = resolve_backend(self.backend, s_list[0], "cwd")
+        if backend == "triton":
+            pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
+            total = load_kernel("cwd", "cwd_triton")([p[0] for p in pairs], [p[1] for p in pairs], self.tau)
+        else:
+            total = cwd(s_list[0], t_list[0], self.tau, backend)
+            for s, t in zip(s_list[1:], t_list[1:]):
+                total = total + cwd(s, t, self.tau, backend)
+        return total * self.weight
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, weight={self.weight}, backend={self.backend!r}"
