@@ -135,6 +135,9 @@ def resolve_backend(backend: str, x: Tensor, kernel: str) -> str:
     ships with this install; otherwise eager PyTorch. An explicit ``"triton"`` never falls back.
     """
     check_backend(backend)
+    if backend == "triton" and not x.is_cuda:
+        raise LossError(f"backend='triton' runs on CUDA tensors, but got tensors on {x.device}; "
+                        f"use backend='torch' or backend='compile' there")
     if backend != "auto":
         return backend
     if x.is_cuda and importlib.util.find_spec("triton") is not None and _kernel_present(kernel):

@@ -1,0 +1,446 @@
+"""Tests of lrdet_core.losses against the float64 loop references in tests/reference.py."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lrdet_core.context import DistillContext
+from lrdet_core.errors import LossError
+from lrdet_core.losses import (FGD_PRESETS, LOSSES, RECOMMENDED_ALPHA, CWDLoss, FGDLoss, GcBlock, L1Loss,
+                               MSELoss, build_loss, cwd, fgd, fgd_global, fgd_masks, fgd_terms, l1, mse)
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+import reference as ref  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHAPES = [(2, 3, 3, 5), (1, 4, 7, 11), (2, 2, 13, 21)]
+# fp32 result vs the fp64 reference: only fp32 rounding of a few hundred terms.
+RTOL32 = 1e-5
+
+
+def pair(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(shape, generator=g, dtype=torch.float64).to(dtype))
+
+
+def pyramid(n=2, c=4, sizes=((8, 12), (4, 6), (2, 3)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = [torch.randn(n, c, h, w, generator=g) for h, w in sizes]
+    t = [torch.randn(n, c, h, w, generator=g) for h, w in sizes]
+    return s, t
+
+
+def random_boxes(n, canvas, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = canvas
+    out = []
+    for _ in range(n):
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([w, h]) * 0.8
+        wh = torch.rand(k, 2, generator=g) * torch.tensor([w, h]) * 0.4 + 1
+        out.append(torch.cat([xy, xy + wh], dim=1))
+    return out
+
+
+def randomize_(module: nn.Module, seed=0):
+    """Non-zero weights everywhere (the zero-initialised last conv would hide the GcBlock path)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return module
+
+
+def close(actual, expected, rtol=RTOL32, atol=1e-6):
+    actual = actual.item() if isinstance(actual, torch.Tensor) else actual
+    assert math.isclose(float(actual), float(expected), rel_tol=rtol, abs_tol=atol), (float(actual), expected)
+
+
+# ------------------------------------------------------------------------ reference values
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_mse_l1_match_reference(shape, reduction):
+    s, t = pair(shape)
+    close(mse(s, t, reduction), ref.ref_mse(s, t, reduction))
+    close(l1(s, t, reduction), ref.ref_l1(s, t, reduction))
+
+
+def test_reduction_none_is_the_elementwise_map():
+    s, t = pair((2, 3, 3, 5))
+    torch.testing.assert_close(mse(s, t, "none"), (s - t) ** 2)
+    torch.testing.assert_close(l1(s, t, "none"), (s - t).abs())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tau", [1.0, 0.5, 4.0])
+def test_cwd_matches_reference(shape, tau):
+    s, t = pair(shape, seed=1)
+    close(cwd(s, t, tau), ref.ref_cwd(s, t, tau))
+
+
+def test_modules_sum_levels():
+    s, t = pyramid()
+    close(MSELoss()(s, t), sum(ref.ref_mse(a, b) for a, b in zip(s, t)))
+    close(MSELoss("mean")(s, t), sum(ref.ref_mse(a, b, "mean") for a, b in zip(s, t)))
+    close(L1Loss()(s, t), sum(ref.ref_l1(a, b) for a, b in zip(s, t)))
+    close(CWDLoss(tau=2.0, weight=3.0)(s, t), 3.0 * sum(ref.ref_cwd(a, b, 2.0) for a, b in zip(s, t)))
+
+
+@pytest.mark.parametrize("canvas,stride,hw", [((24, 40), 8, (3, 5)), ((56, 88), 8, (7, 11)), ((200, 336), 16, (13, 21)),
+                                              ((100, 160), 32, (4, 5))])
+def test_fgd_masks_match_reference(canvas, stride, hw):
+    boxes = random_boxes(3, canvas, k=4, seed=stride)
+    boxes[1] = boxes[1][:0]
+    fg, bg = fgd_masks(boxes, canvas, stride, hw)
+    rfg, rbg = ref.ref_fgd_masks(boxes, canvas, stride, hw)
+    torch.testing.assert_close(fg.double(), rfg, rtol=1e-6, atol=0)
+    torch.testing.assert_close(bg.double(), rbg, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (1, 6, 7, 11)])
+def test_fgd_terms_match_reference(shape):
+    s, t = pair(shape, seed=2)
+    canvas = (shape[2] * 8, shape[3] * 8)
+    fg, bg = fgd_masks(random_boxes(shape[0], canvas, seed=3), canvas, 8, shape[2:])
+    gs, gt = randomize_(GcBlock(shape[1]), 1), randomize_(GcBlock(shape[1]), 2)
+    got = fgd_terms(s, t, fg, bg, gs, gt, temp=0.5)
+    want = ref.ref_fgd_terms(s, t, fg, bg, gs, gt, temp=0.5)
+    for k in ("fg", "bg", "att", "glb"):
+        close(got[k], want[k], rtol=1e-5)
+    w = FGD_PRESETS["fcos"]
+    close(fgd(s, t, fg, bg, gs, gt, **w), ref.ref_fgd(s, t, fg, bg, gs, gt, **w))
+
+
+def test_fgd_module_matches_reference_over_levels():
+    s, t = pyramid(c=4, sizes=((7, 11), (4, 6), (2, 3)))
+    canvas = (56, 88)
+    ctx = DistillContext.from_features(t, canvas, boxes=random_boxes(2, canvas, seed=4))
+    loss = FGDLoss("rcnn", channels=[4, 4, 4])
+    for i, m in enumerate(list(loss.gc_student) + list(loss.gc_teacher)):
+        randomize_(m, i)
+    want = 0.0
+    for i, (a, b) in enumerate(zip(s, t)):
+        fg, bg = ref.ref_fgd_masks(ctx.boxes, canvas, ctx.strides[i], a.shape[-2:])
+        want += ref.ref_fgd(a, b, fg, bg, loss.gc_student[i], loss.gc_teacher[i], **FGD_PRESETS["rcnn"])
+    close(loss(s, t, ctx), want)
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("fn", [lambda s, t: mse(s, t), lambda s, t: mse(s, t, "mean"), lambda s, t: l1(s, t),
+                                lambda s, t: cwd(s, t, 0.7)], ids=["mse", "mse-mean", "l1", "cwd"])
+def test_gradcheck_pointwise_and_cwd(fn):
+    s, t = pair((2, 3, 3, 5), seed=5, dtype=torch.float64)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: fn(x, t), (s,))
+
+
+def test_gradcheck_fgd_student_and_gcblocks():
+    s, t = pair((2, 4, 3, 5), seed=6, dtype=torch.float64)
+    fg, bg = fgd_masks(random_boxes(2, (24, 40), seed=6), (24, 40), 8, (3, 5))
+    blocks = nn.ModuleList([randomize_(GcBlock(4), 7), randomize_(GcBlock(4), 8)]).double()
+    names = [k for k, _ in blocks.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in blocks.parameters()]
+    weights = dict(temp=0.5, alpha=1.0, beta=0.7, gamma=0.3, lam=0.2)
+
+    def f(x, *ps):
+        state = dict(zip(names, ps))
+        gs = lambda y: torch.func.functional_call(blocks[0], {k[2:]: v for k, v in state.items() if k[0] == "0"}, (y,))  # noqa: E731
+        gt = lambda y: torch.func.functional_call(blocks[1], {k[2:]: v for k, v in state.items() if k[0] == "1"}, (y,))  # noqa: E731
+        return fgd(x, t, fg.double(), bg.double(), gs, gt, **weights)
+
+    assert torch.autograd.gradcheck(f, (s.requires_grad_(True), *params))
+
+
+def test_l1_gradient_is_zero_where_equal():
+    s = torch.randn(2, 3, 4, 5, requires_grad=True)
+    l1(s, s.detach().clone()).backward()
+    assert torch.count_nonzero(s.grad) == 0
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_not_last_layer_doubles_gradient(name):
+    s, t = pyramid(seed=9)
+    ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96), seed=9))
+    loss = build_loss(name)
+    grads = []
+    for scale in (1.0, 2.0):
+        x = [a.clone().requires_grad_(True) for a in s]
+        (scale * loss(x, t, ctx)).backward()
+        grads.append(torch.cat([a.grad.flatten() for a in x]))
+    assert torch.count_nonzero(grads[0]) > 0
+    assert torch.equal(grads[1], 2 * grads[0])
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_no_gradient_reaches_the_teacher(name):
+    s, t = pyramid(seed=10)
+    ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
+    t = [b.requires_grad_(True) for b in t]
+    s = [a.requires_grad_(True) for a in s]
+    build_loss(name)(s, t, ctx).backward()
+    assert all(b.grad is None for b in t) and all(a.grad is not None for a in s)
+
+
+# ------------------------------------------------------------------------------ identities
+
+
+def test_identical_inputs_give_zero():
+    s, _ = pyramid(seed=11)
+    same = [a.clone() for a in s]
+    assert MSELoss()(s, same).item() == 0.0
+    assert L1Loss()(s, same).item() == 0.0
+    assert abs(CWDLoss()(s, same).item()) < 1e-6  # log_softmax of equal rows cancels exactly only up to rounding
+
+
+def test_fgd_zero_init_relation_term_is_plain_squared_error():
+    s, t = pair((2, 4, 7, 11), seed=12)
+    got = fgd_global(s, t, GcBlock(4), GcBlock(4))
+    close(got, ref.ref_mse(s, t) / 2)
+
+
+def test_fgd_teacher_block_learns_through_detached_teacher():
+    s, t = pair((2, 4, 3, 5), seed=13)
+    gs, gt = GcBlock(4), GcBlock(4)
+    fgd_global(s, t.detach(), gs, gt).backward()
+    # Zero-initialised last conv: its gradient is the first to be non-zero.
+    assert gt.channel_add[-1].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------- layouts and dtypes
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_non_contiguous_and_channels_last_give_the_same_value(name):
+    s, t = pyramid(seed=14, sizes=((7, 11), (4, 6)))
+    ctx = DistillContext.from_features(t, (56, 88), boxes=random_boxes(2, (56, 88), seed=14))
+    loss = build_loss(name)
+    base = loss(s, t, ctx)
+    channels_last = [a.to(memory_format=torch.channels_last) for a in s]
+    transposed = [a.transpose(2, 3).contiguous().transpose(2, 3) for a in t]  # same values, H/W strides swapped
+    sliced_s = [torch.stack([a, -a], dim=2).flatten(1, 2)[:, ::2] for a in s]  # every other channel
+    assert not transposed[0].is_contiguous() and not sliced_s[0].is_contiguous()
+    for args in ((channels_last, t), (s, transposed), (sliced_s, transposed)):
+        torch.testing.assert_close(loss(*args, ctx), base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_bf16_student_fp32_teacher(name):
+    s, t = pair((2, 4, 7, 11), seed=15)
+    s16 = s.bfloat16()
+    canvas = (56, 88)
+    ctx = DistillContext.from_features([t], canvas, boxes=random_boxes(2, canvas, seed=15))
+    loss = build_loss(name)
+    got = loss([s16], [t], ctx)
+    assert got.dtype == torch.float32
+    # The reference sees the bf16-rounded student exactly, so only fp32 accumulation differs.
+    if name == "fgd":
+        fg, bg = ref.ref_fgd_masks(ctx.boxes, canvas, ctx.strides[0], (7, 11))
+        want = ref.ref_fgd(s16, t, fg, bg, loss.gc_student[0], loss.gc_teacher[0], **FGD_PRESETS["retinanet"])
+    else:
+        want = getattr(ref, f"ref_{name}")(s16, t)
+    close(got, want, rtol=1e-5)
+
+
+def test_fp16_both_sides_and_autocast_region_stay_fp32():
+    s, t = pyramid(seed=16)
+    ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96), seed=16))
+    for name in ("mse", "cwd", "fgd"):
+        loss = build_loss(name)
+        eager = loss(s, t, ctx)
+        half = loss([a.half() for a in s], [b.half() for b in t], ctx)
+        assert half.dtype == torch.float32 and math.isfinite(half.item())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = loss(s, t, ctx)
+        assert auto.dtype == torch.float32
+        torch.testing.assert_close(auto, eager, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- CWD stability
+
+
+def test_cwd_stays_finite_for_huge_logits_where_a_naive_one_does_not():
+    s, t = pair((1, 2, 3, 5), seed=17)
+    s, t = (s * 1e4).requires_grad_(True), t * 1e4
+
+    def naive(a, b, tau=1.0):
+        p_t = torch.softmax(b.flatten(2) / tau, -1)
+        p_s = torch.softmax(a.flatten(2) / tau, -1)
+        return tau ** 2 / (a.shape[0] * a.shape[1]) * (p_t * (p_t.log() - p_s.log())).sum()
+
+    assert not math.isfinite(naive(s, t).item())
+    got = cwd(s, t)
+    got.backward()
+    assert math.isfinite(got.item()) and torch.isfinite(s.grad).all()
+    close(got, ref.ref_cwd(s, t), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- FGD boxes
+
+
+EDGE_BOXES = {
+    "empty": [torch.zeros(0, 4), torch.zeros(0, 4)],
+    "partly_outside": [torch.tensor([[-20.0, -5.0, 30.0, 20.0]]), torch.tensor([[70.0, 40.0, 200.0, 90.0]])],
+    "degenerate": [torch.tensor([[10.0, 10.0, 10.0, 30.0]]), torch.tensor([[5.0, 7.0, 25.0, 7.0]])],
+    "inverted_nan_outside": [torch.tensor([[30.0, 10.0, 10.0, 30.0], [float("nan"), 0.0, 5.0, 5.0]]),
+                             torch.tensor([[100.0, 60.0, 120.0, 90.0], [-30.0, -30.0, -1.0, -1.0]])],
+    "whole_canvas": [torch.tensor([[0.0, 0.0, 88.0, 56.0]]), torch.tensor([[-10.0, -10.0, 500.0, 500.0]])],
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_BOXES))
+def test_fgd_box_edge_cases(case):
+    canvas, hw = (56, 88), (7, 11)
+    boxes = EDGE_BOXES[case]
+    fg, bg = fgd_masks(boxes, canvas, 8, hw)
+    rfg, rbg = ref.ref_fgd_masks(boxes, canvas, 8, hw)
+    torch.testing.assert_close(fg.double(), rfg, rtol=1e-6, atol=0)
+    torch.testing.assert_close(bg.double(), rbg, rtol=1e-6, atol=0)
+    s, t = pair((2, 4, 7, 11), seed=18)
+    s.requires_grad_(True)
+    loss = FGDLoss(channels=[4])
+    terms = loss.terms([s], [t], DistillContext.from_features([t], canvas, boxes=boxes))
+    assert all(math.isfinite(v.item()) for v in terms.values())
+    loss([s], [t], DistillContext.from_features([t], canvas, boxes=boxes)).backward()
+    assert torch.isfinite(s.grad).all()
+    if case in ("empty", "inverted_nan_outside"):
+        assert fg.sum() == 0 and terms["fg"].item() == 0.0
+        torch.testing.assert_close(bg.sum(dim=(1, 2)), torch.ones(2))
+    if case == "whole_canvas":
+        assert bg.sum() == 0 and terms["bg"].item() == 0.0
+    if case == "degenerate":
+        assert fg[0, 1:5, 1].gt(0).all() and fg[1, 0:2, 0:5].gt(0).all()  # edges on a cell border cover 2 cells
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def test_error_mismatched_level_count():
+    s, t = pyramid()
+    with pytest.raises(LossError, match=r"same number of levels .* but got 3 and 2"):
+        MSELoss()(s, t[:2])
+    with pytest.raises(LossError, match="at least 1"):
+        CWDLoss()([], [])
+
+
+def test_error_mismatched_shape_names_level_and_shapes():
+    s = [torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 13, 21)]
+    t = [torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 14, 21)]
+    msg = r"expected student and teacher level 1 to have the same shape, but got \(2, 8, 13, 21\) and \(2, 8, 14, 21\)"
+    for name in LOSSES:
+        with pytest.raises(LossError, match=msg):
+            build_loss(name)(s, t, DistillContext.from_features(t, (64, 64)))
+    with pytest.raises(LossError, match="4-D"):
+        mse(torch.zeros(3, 4), torch.zeros(3, 4))
+    with pytest.raises(LossError, match="list of N x C x H x W tensors"):
+        MSELoss()({"p3": s[0]}, {"p3": t[0]})
+
+
+def test_error_unknown_loss_name_lists_valid_names():
+    with pytest.raises(LossError, match=r"'mse', 'l1', 'cwd', 'fgd' \(did you mean 'cwd'\?\)"):
+        build_loss("cdw")
+    with pytest.raises(LossError, match="'mse', 'l1', 'cwd', 'fgd'"):
+        build_loss(42)
+
+
+def test_error_fgd_without_ctx():
+    s, t = pyramid()
+    with pytest.raises(LossError, match=r"DistillContext.*from_features.*ctx=None"):
+        FGDLoss()(s, t)
+    ctx = DistillContext.from_features(t, (64, 96))
+    with pytest.raises(LossError, match=r"one stride per level \(3 levels\)"):
+        FGDLoss()(s, t, DistillContext(boxes=ctx.boxes, canvas_size=(64, 96), strides=[8]))
+    with pytest.raises(LossError, match=r"one \(K, 4\) tensor per image \(2 images\)"):
+        FGDLoss()(s, t, DistillContext(boxes=ctx.boxes[:1], canvas_size=(64, 96), strides=ctx.strides))
+
+
+def test_error_bad_reduction_backend_and_parameters():
+    with pytest.raises(LossError, match=r"reduction to be one of 'sum', 'mean', but got 'none'"):
+        MSELoss("none")
+    with pytest.raises(LossError, match=r"reduction to be one of 'none', 'mean', 'sum', but got 'avg'"):
+        l1(*pair((1, 1, 2, 2)), reduction="avg")
+    with pytest.raises(LossError, match=r"backend to be one of 'auto', 'torch', 'compile', 'triton', but got 'cuda'"):
+        CWDLoss(backend="cuda")
+    with pytest.raises(LossError, match="tau to be a positive"):
+        cwd(*pair((1, 1, 2, 2)), tau=0.0)
+    with pytest.raises(LossError, match=r"unknown FGD preset 'yolo'; expected one of 'retinanet', 'fcos', 'rcnn'"):
+        FGDLoss("yolo")
+    with pytest.raises(LossError, match=r"unknown FGD hyper-parameter\(s\) \['lambda'\]"):
+        FGDLoss(lam=1.0, **{"lambda": 2.0})
+
+
+def test_error_triton_backend_on_cpu_tensors():
+    with pytest.raises(LossError, match="backend='triton' runs on CUDA tensors"):
+        MSELoss(backend="triton")(*pyramid())
+
+
+# ----------------------------------------------------------------------- FGD lazy build
+
+
+def test_fgd_materialize_lazy_build_and_state_dict():
+    s, t = pyramid(c=6)
+    ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
+    lazy = FGDLoss()
+    assert len(list(lazy.parameters())) == 0
+    lazy(s, t, ctx)
+    assert lazy.channels == (6, 6, 6) and len(list(lazy.parameters())) == 2 * 3 * 8
+    lazy.materialize([6, 6, 6])  # same channels: no-op
+    with pytest.raises(LossError, match=r"built for channels \[6, 6, 6\], but got \[6, 6\]"):
+        lazy.materialize([6, 6])
+    with pytest.raises(LossError, match=r"built for channels \[6, 6, 6\], but the features have channels \[4"):
+        lazy(*pyramid(c=4), ctx)
+    randomize_(lazy, 3)
+    fresh = FGDLoss()
+    fresh.load_state_dict(lazy.state_dict())
+    assert fresh.channels == (6, 6, 6)
+    torch.testing.assert_close(fresh(s, t, ctx), lazy(s, t, ctx))
+
+
+# ------------------------------------------------------------------------- build_loss etc.
+
+
+def test_build_loss_names_objects_and_alphas():
+    assert isinstance(build_loss("MSE"), MSELoss)
+    assert build_loss("fgd", preset="fcos").alpha == FGD_PRESETS["fcos"]["alpha"]
+    module, fn = L1Loss("mean"), (lambda s, t, ctx: s[0].sum())
+    assert build_loss(module) is module and build_loss(fn) is fn
+    with pytest.raises(LossError, match="only apply to a loss given by name"):
+        build_loss(module, reduction="sum")
+    assert set(RECOMMENDED_ALPHA) == set(LOSSES) and RECOMMENDED_ALPHA["mse"] == 0.005
+
+
+def test_import_pulls_in_neither_triton_nor_torchvision():
+    code = ("import sys, lrdet_core.losses as L; L.build_loss('fgd'); "
+            "print(sorted(m for m in ('triton', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------ compile backend
+
+
+@pytest.mark.slow
+def test_compile_backend_matches_eager():
+    s, t = pyramid(c=3, sizes=((5, 7),), seed=19)
+    ctx = DistillContext.from_features(t, (40, 56), boxes=random_boxes(2, (40, 56), seed=19))
+    for name, kwargs in (("mse", {}), ("l1", {"reduction": "mean"}), ("cwd", {"tau": 2.0}), ("fgd", {})):
+        eager, comp = build_loss(name, backend="torch", **kwargs), build_loss(name, backend="compile", **kwargs)
+        if name == "fgd":
+            eager.materialize([3])
+            comp.load_state_dict(eager.state_dict())
+        x = [a.clone().requires_grad_(True) for a in s]
+        y = [a.clone().requires_grad_(True) for a in s]
+        want, got = eager(x, t, ctx), comp(y, t, ctx)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(y[0].grad, x[0].grad, rtol=1e-5, atol=1e-6)
