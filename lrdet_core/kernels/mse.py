@@ -21,7 +21,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from ._pointwise import PointwiseFunction, specialisations as _specialisations
+from ._pointwise import PointwiseFunction, _pointwise_kernel, specialisations as _specialisations  # noqa: F401 (named in SPECIALISATIONS)
 
 #: Every (kernel, signature, constexprs, num_warps) this module launches (see tests/test_kernels_compile.py).
 SPECIALISATIONS = tuple(_specialisations(absolute=False))

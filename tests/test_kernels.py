@@ -1,0 +1,282 @@
+"""The fused Triton kernels against float64 references, run by Triton's interpreter on CPU.
+
+Triton decides at decoration time whether ``@triton.jit`` builds a GPU kernel or an
+interpreted one (``triton.knobs.runtime.interpret`` reads ``TRITON_INTERPRET``), so the
+variable is set before triton and the kernel modules are imported; if another test module imported
+them first they are reloaded. Shapes are tiny: the interpreter runs every program in Python.
+
+Reference values come from ``tests/reference.py`` (loop-based, float64); reference
+gradients from float64 autograd of the same equations written with torch ops.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+# Left set for the whole session: an interpreted kernel checks it again when it calls a
+# nested @triton.jit helper. tests/test_kernels_compile.py removes it for its subprocess.
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+from lrdet_core.kernels import _common, _pointwise, cwd, fgd, l1, mse  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if not isinstance(_common._sum_partials_kernel, InterpretedFunction):
+    for _mod in (_common, _pointwise, mse, l1, cwd, fgd):
+        importlib.reload(_mod)
+
+from lrdet_core.errors import LossError  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import reference  # noqa: E402
+
+# (rtol, atol) of the loss and of the gradient. bf16 stores the gradient in bf16 (8 bits of
+# mantissa); the loss is accumulated in fp32 from exactly the bf16 inputs the reference reads.
+TOL = {torch.float32: dict(loss=(1e-5, 1e-6), grad=(1e-5, 1e-6)),
+       torch.bfloat16: dict(loss=(1e-4, 1e-4), grad=(1e-2, 1e-3))}
+SHAPES = [(2, 3, 13, 21), (2, 3, 7, 11), (2, 3, 3, 5)]
+
+
+def _levels(dtype, channels_last=False, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in SHAPES:
+        s, t = (torch.randn(shape, generator=g) * scale for _ in range(2))
+        if channels_last:
+            s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+        out.append((s.to(dtype).requires_grad_(), t.to(dtype)))
+    return [s for s, _ in out], [t for _, t in out]
+
+
+def _check_grads(student, expected, dtype, factor=1.0):
+    rtol, atol = TOL[dtype]["grad"]
+    for s, e in zip(student, expected):
+        assert s.grad.dtype == s.dtype
+        torch.testing.assert_close(s.grad.double(), factor * e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
+
+
+def _f64_grads(fn, student, teacher):
+    leaves = [s.detach().double().requires_grad_() for s in student]
+    fn(leaves, [t.detach().double() for t in teacher]).backward()
+    return [x.grad for x in leaves]
+
+
+# --------------------------------------------------------------------------------- MSE, L1
+
+POINTWISE = {"mse": (mse.mse_triton, reference.ref_mse, lambda d: d * d),
+             "l1": (l1.l1_triton, reference.ref_l1, lambda d: d.abs())}
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_pointwise_matches_reference(name, reduction, dtype, channels_last):
+    fn, ref, elem = POINTWISE[name]
+    student, teacher = _levels(dtype, channels_last)
+    loss = fn(student, teacher, reduction)
+    expected = sum(ref(s, t, reduction) for s, t in zip(student, teacher))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    rtol, atol = TOL[dtype]["loss"]
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
+    (loss * 2).backward()  # not the last layer: grad_output = 2 takes the rescale path
+    grads = _f64_grads(lambda S, T: sum(getattr(elem(s - t), reduction)() for s, t in zip(S, T)), student, teacher)
+    _check_grads(student, grads, dtype, factor=2.0)
+
+
+def test_l1_gradient_is_zero_where_equal():
+    s = torch.tensor([[[[1.0, 2.0, 3.0]]]], requires_grad=True)
+    l1.l1_triton([s], [torch.tensor([[[[1.0, 0.0, 5.0]]]])]).backward()
+    assert s.grad.flatten().tolist() == [0.0, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_non_dense_and_many_levels(name):
+    # 7 levels (two launches of at most 6), one of them a strided slice (contiguous fallback).
+    fn, ref, _ = POINTWISE[name]
+    base = torch.randn(2, 3, 5, 14)
+    student = [torch.randn(1, 2, 3, k).requires_grad_() for k in range(1, 7)] + [base[..., ::2].requires_grad_()]
+    teacher = [torch.randn_like(s) for s in student]
+    loss = fn(student, teacher)
+    expected = sum(ref(s, t) for s, t in zip(student, teacher))
+    assert abs(loss.item() - expected) <= 1e-5 * abs(expected)
+    loss.backward()
+    assert student[-1].grad.shape == (2, 3, 5, 7)
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_teacher_constant_student_untouched(name):
+    fn = POINTWISE[name][0]
+    student, teacher = _levels(torch.float32)
+    teacher = [t.requires_grad_() for t in teacher]
+    before = [s.detach().clone() for s in student]
+    fn(student, teacher).backward()
+    assert all(t.grad is None for t in teacher)
+    assert all(torch.equal(s.detach(), b) for s, b in zip(student, before))
+
+
+# ---------------------------------------------------------------------------------- CWD
+
+def _cwd64(student, teacher, tau):
+    total = 0.0
+    for s, t in zip(student, teacher):
+        n, c = s.shape[:2]
+        ls = torch.log_softmax(s.flatten(2) / tau, -1)
+        lt = torch.log_softmax(t.flatten(2) / tau, -1)
+        total = total + (lt.exp() * (lt - ls)).sum() * tau * tau / (n * c)
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+def test_cwd_matches_reference(dtype, channels_last, block):
+    # block=16 pushes every level (rows of 15 to 273 cells) except 3x5 through the two-pass path.
+    student, teacher = _levels(dtype, channels_last, scale=3.0)
+    loss = cwd.cwd_triton(student, teacher, tau=2.0, block=block)
+    expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
+    rtol, atol = TOL[dtype]["loss"]
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
+    (loss * 2).backward()
+    _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 2.0), student, teacher), dtype, factor=2.0)
+
+
+@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+def test_cwd_huge_logits_finite(block):
+    student, teacher = _levels(torch.float32, scale=1e4)
+    loss = cwd.cwd_triton(student, teacher, block=block)
+    loss.backward()
+    expected = sum(reference.ref_cwd(s, t) for s, t in zip(student, teacher))
+    assert torch.isfinite(loss) and all(torch.isfinite(s.grad).all() for s in student)
+    assert abs(loss.item() - expected) <= 1e-4 * expected
+
+
+def test_cwd_teacher_constant():
+    student, teacher = _levels(torch.float32)
+    teacher = [t.requires_grad_() for t in teacher]
+    cwd.cwd_triton(student, teacher).backward()
+    assert all(t.grad is None for t in teacher)
+
+
+# ---------------------------------------------------------------------------------- FGD
+
+def _fgd_inputs(dtype, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(2, 5, 7, 11, generator=g), torch.randn(2, 5, 7, 11, generator=g)
+    if channels_last:
+        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    boxes = [torch.tensor([[8.0, 8.0, 40.0, 30.0]]), torch.tensor([[0.0, 0.0, 20.0, 50.0], [50, 10, 80, 40]])]
+    fg, bg = reference.ref_fgd_masks(boxes, (56, 88), 8, (7, 11))
+    return s.to(dtype).requires_grad_(), t.to(dtype), fg.float(), bg.float()
+
+
+def _fgd_ref_terms(s, t, fg, bg, temp):
+    as_t, ac_t = reference.ref_spatial_attention(t, temp), reference.ref_channel_attention(t, temp)
+    as_s, ac_s = reference.ref_spatial_attention(s, temp), reference.ref_channel_attention(s, temp)
+    s64, t64 = s.detach().double(), t.detach().double()
+    n_, c_, h_, w_ = s.shape
+    ast = torch.tensor(as_t, dtype=torch.float64).reshape(n_, 1, h_, w_)
+    act = torch.tensor(ac_t, dtype=torch.float64).reshape(n_, c_, 1, 1)
+    focal = ast * act * (s64 - t64) ** 2
+    l_att = sum(abs(p - q) for a, b in zip(ac_s, ac_t) for p, q in zip(a, b))
+    l_att += sum(abs(p - q) for a, b in zip(as_s, as_t) for p, q in zip(a, b))
+    return ((fg.double()[:, None] * focal).sum().item() / n_, (bg.double()[:, None] * focal).sum().item() / n_,
+            l_att / n_)
+
+
+def _fgd64(s, t, fg, bg, temp):
+    n_, c_, h_, w_ = s.shape
+
+    def att(x):
+        a = x.abs().mean(1).flatten(1) / temp
+        b = x.abs().flatten(2).mean(2) / temp
+        return h_ * w_ * torch.softmax(a, -1), c_ * torch.softmax(b, -1)
+
+    as_s, ac_s = att(s)
+    as_t, ac_t = att(t)
+    focal = as_t[:, None, :] * ac_t[:, :, None] * (s - t).flatten(2) ** 2
+    l_fg = (fg.double().flatten(1)[:, None] * focal).sum() / n_
+    l_bg = (bg.double().flatten(1)[:, None] * focal).sum() / n_
+    l_att = ((ac_s - ac_t).abs().sum() + (as_s - as_t).abs().sum()) / n_
+    return l_fg, l_bg, l_att
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("go", [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), (0.5, 2.0, 3.0)],
+                         ids=["last_layer", "times_2", "unequal"])
+def test_fgd_matches_reference(dtype, channels_last, go):
+    s, t, fg, bg = _fgd_inputs(dtype, channels_last)
+    out = fgd.fgd_focal_attention_triton(s, t, fg, bg, temp=0.5)
+    expected = _fgd_ref_terms(s, t, fg, bg, 0.5)
+    rtol, atol = TOL[dtype]["loss"]
+    for got, exp in zip(out, expected):
+        torch.testing.assert_close(got.double(), torch.tensor(exp, dtype=torch.float64), rtol=rtol, atol=atol)
+    sum(w * x for w, x in zip(go, out)).backward()
+    leaf = s.detach().double().requires_grad_()
+    sum(w * x for w, x in zip(go, _fgd64(leaf, t.detach().double(), fg, bg, 0.5))).backward()
+    _check_grads([s], [leaf.grad], dtype)
+
+
+def test_fgd_weights_scale_terms_and_gradient():
+    s, t, fg, bg = _fgd_inputs(torch.float32, False)
+    plain = fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)
+    sum(plain).backward()
+    s2 = s.detach().clone().requires_grad_()
+    weighted = fgd.fgd_focal_attention_triton(s2, t, fg, bg, 0.5, weights=(2.0, 3.0, 4.0))
+    for a, b, w in zip(plain, weighted, (2.0, 3.0, 4.0)):
+        torch.testing.assert_close(b, w * a)
+    sum(weighted).backward()
+    s3 = s.detach().clone().requires_grad_()
+    out3 = fgd.fgd_focal_attention_triton(s3, t, fg, bg, 0.5)
+    (2 * out3[0] + 3 * out3[1] + 4 * out3[2]).backward()  # recompute path gives the same gradient
+    torch.testing.assert_close(s2.grad, s3.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fgd_teacher_and_masks_constant():
+    s, t, fg, bg = _fgd_inputs(torch.float32, False)
+    t.requires_grad_()
+    fg.requires_grad_()
+    sum(fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)).backward()
+    assert t.grad is None and fg.grad is None and s.grad is not None
+
+
+# --------------------------------------------------------------------- shared properties
+
+def _run_all(seed):
+    student, teacher = _levels(torch.float32, seed=seed)
+    s, t, fg, bg = _fgd_inputs(torch.float32, False, seed=seed)
+    results = [mse.mse_triton(student, teacher), l1.l1_triton(student, teacher),
+               cwd.cwd_triton(student, teacher), cwd.cwd_triton(student, teacher, block=16)]
+    (sum(results) * 3).backward()
+    fgd_out = fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)
+    (fgd_out[0] + 2 * fgd_out[1] + fgd_out[2]).backward()
+    return [r.detach() for r in results] + [o.detach() for o in fgd_out] + [x.grad for x in student] + [s.grad]
+
+
+def test_bitwise_deterministic():
+    first, second = _run_all(3), _run_all(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_one_backward_per_forward():
+    student, teacher = _levels(torch.float32)
+    loss = mse.mse_triton(student, teacher)
+    loss.backward(retain_graph=True)
+    with pytest.raises(LossError, match="one backward pass"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("fn", [mse.mse_triton, l1.l1_triton, cwd.cwd_triton])
+def test_shape_mismatch_names_both_shapes(fn):
+    with pytest.raises(LossError, match=r"\(1, 2, 3, 4\) and \(1, 2, 3, 5\)"):
+        fn([torch.zeros(1, 2, 3, 4)], [torch.zeros(1, 2, 3, 5)])
+
+
+def test_fgd_mask_shape_error():
+    s, t, fg, bg = _fgd_inputs(torch.float32, False)
+    with pytest.raises(LossError, match="fg_mask"):
+        fgd.fgd_focal_attention_triton(s, t, fg[:, :3], bg, 0.5)
