@@ -256,6 +256,9 @@ def test_fp16_both_sides_and_autocast_region_stay_fp32():
     ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96), seed=16))
     for name in ("mse", "cwd", "fgd"):
         loss = build_loss(name)
+        if name == "fgd":  # non-zero GcBlocks: their convs are what autocast would lower to bf16
+            loss.materialize([4, 4, 4])
+            randomize_(loss, 16)
         eager = loss(s, t, ctx)
         half = loss([a.half() for a in s], [b.half() for b in t], ctx)
         assert half.dtype == torch.float32 and math.isfinite(half.item())
@@ -291,7 +294,8 @@ EDGE_BOXES = {
     "empty": [torch.zeros(0, 4), torch.zeros(0, 4)],
     "partly_outside": [torch.tensor([[-20.0, -5.0, 30.0, 20.0]]), torch.tensor([[70.0, 40.0, 200.0, 90.0]])],
     "degenerate": [torch.tensor([[10.0, 10.0, 10.0, 30.0]]), torch.tensor([[5.0, 7.0, 25.0, 7.0]])],
-    "inverted_nan_outside": [torch.tensor([[30.0, 10.0, 10.0, 30.0], [float("nan"), 0.0, 5.0, 5.0]]),
+    "inverted_nan_outside": [torch.tensor([[30.0, 10.0, 10.0, 30.0], [float("nan"), 0.0, 5.0, 5.0],
+                                           [17.0, 10.0, 15.0, 30.0]]),  # inverted inside one cell
                              torch.tensor([[100.0, 60.0, 120.0, 90.0], [-30.0, -30.0, -1.0, -1.0]])],
     "whole_canvas": [torch.tensor([[0.0, 0.0, 88.0, 56.0]]), torch.tensor([[-10.0, -10.0, 500.0, 500.0]])],
 }
