@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-# Left set for the whole session: an interpreted kernel checks it again when it calls a
-# nested @triton.jit helper. tests/test_kernels_compile.py removes it for its subprocess.
+# Set before triton is imported and left set: the interpreter reads it again at launch.
+# tests/test_kernels_compile.py removes it for its own subprocess.
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 from lrdet_core.kernels import _common, _pointwise, cwd, fgd, l1, mse  # noqa: E402
