@@ -448,3 +448,55 @@ def test_compile_backend_matches_eager():
         want.backward()
         got.backward()
         torch.testing.assert_close(y[0].grad, x[0].grad, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ Triton dispatch (no GPU)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Kernel modules that record their calls; 'CUDA' tensors are any tensors."""
+    import types
+
+    import lrdet_core.losses._common as common
+
+    calls = []
+
+    def record(name, result):
+        def kernel(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return result(*args) if callable(result) else result
+        return kernel
+
+    fgd_out = lambda *a: (torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0))  # noqa: E731
+    for name, fn, out in (("mse", "mse_triton", torch.tensor(5.0)), ("l1", "l1_triton", torch.tensor(6.0)),
+                          ("cwd", "cwd_triton", torch.tensor(7.0)), ("fgd", "fgd_focal_attention_triton", fgd_out)):
+        module = types.ModuleType(f"lrdet_core.kernels.{name}")
+        setattr(module, fn, record(name, out))
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(common, "_is_cuda", lambda x: True)
+    return calls
+
+
+def test_triton_backend_calls_kernels_with_all_levels(fake_kernels):
+    s, t = pyramid()
+    s[1] = s[1].bfloat16()
+    assert MSELoss(backend="triton")(s, t).item() == 5.0
+    assert L1Loss("mean", backend="triton")(s, t).item() == 6.0
+    assert CWDLoss(tau=2.0, weight=3.0, backend="triton")(s, t).item() == 21.0
+    (name, (ss, ts, reduction), _), (_, (_, _, reduction_l1), _) = fake_kernels[:2]
+    assert name == "mse" and len(ss) == 3 and reduction == "sum" and reduction_l1 == "mean"
+    assert ss[1].dtype == ts[1].dtype == torch.float32  # a bf16/fp32 pair is promoted, not passed mixed
+    assert fake_kernels[2][1][2] == 2.0
+    ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
+    loss = FGDLoss(channels=[4, 4, 4], backend="triton", lam=0.0)
+    assert loss(s, t, ctx).item() == 3 * 6.0
+    fgd_call = fake_kernels[-1]
+    assert fgd_call[2]["weights"] == (1e-3, 5e-4, 5e-4) and fgd_call[1][4] == 0.5
+    assert fgd_call[1][2].shape == (2, 2, 3)  # the fg mask of the last level
+
+
+def test_triton_backend_without_kernel_module_is_a_loss_error(fake_kernels, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lrdet_core.kernels.cwd", None)  # import raises ImportError
+    with pytest.raises(LossError, match=r"needs the kernel module lrdet_core.kernels.cwd.*backend='torch'"):
+        cwd(*pair((1, 2, 3, 5)), backend="triton")

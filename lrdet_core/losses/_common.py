@@ -128,6 +128,11 @@ def _kernel_present(kernel: str) -> bool:
         return False
 
 
+def _is_cuda(x: Tensor) -> bool:
+    # One seam for the device test, so the Triton dispatch can be tested on CPU machines.
+    return x.is_cuda
+
+
 def resolve_backend(backend: str, x: Tensor, kernel: str) -> str:
     """The backend that will actually run: ``"auto"`` becomes ``"triton"`` or ``"torch"``.
 
@@ -135,12 +140,12 @@ def resolve_backend(backend: str, x: Tensor, kernel: str) -> str:
     ships with this install; otherwise eager PyTorch. An explicit ``"triton"`` never falls back.
     """
     check_backend(backend)
-    if backend == "triton" and not x.is_cuda:
+    if backend == "triton" and not _is_cuda(x):
         raise LossError(f"backend='triton' runs on CUDA tensors, but got tensors on {x.device}; "
                         f"use backend='torch' or backend='compile' there")
     if backend != "auto":
         return backend
-    if x.is_cuda and importlib.util.find_spec("triton") is not None and _kernel_present(kernel):
+    if _is_cuda(x) and importlib.util.find_spec("triton") is not None and _kernel_present(kernel):
         return "triton"
     return "torch"
 
