@@ -43,11 +43,17 @@ class DistillContext:
         """
         n = features[0].shape[0] if len(features) else 0
         if strides is None:
-            strides = [stride_of(canvas_size[0], f.shape[-2]) for f in features]
+            strides = [level_stride(canvas_size, f.shape[-2:]) for f in features]
         if boxes is None:
             boxes = [torch.zeros(0, 4) for _ in range(n)]
         return cls(boxes=list(boxes), image_sizes=[tuple(canvas_size)] * n, canvas_size=tuple(canvas_size),
                    strides=list(strides), level_names=[f"s{s}" for s in strides])
+
+
+def level_stride(canvas_hw: Sequence[int], feat_hw: Sequence[int]) -> int:
+    """The stride of a feature map on a canvas, read off the axis with more cells (less rounding)."""
+    axis = 0 if feat_hw[0] >= feat_hw[1] else 1
+    return stride_of(canvas_hw[axis], feat_hw[axis])
 
 
 def stride_of(canvas: int, size: int) -> int:

@@ -1,0 +1,58 @@
+"""Resample feature maps from the LR canvas onto the HR canvas, image by image.
+
+torchvision pads every batch to a multiple of 32. Interpolating the whole padded LR canvas onto the
+padded HR canvas stretches each image by ``H_hr_canvas / H_lr_canvas`` instead of by its own
+``h_hr / h_lr``, which moves content by up to 32 HR pixels when aspect ratios are mixed. Here every
+output cell is mapped back through its own image's scale, so content lands where it belongs.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Size = Tuple[int, int]
+
+
+def resample_to_hr(feat: Tensor, lr_canvas: Size, hr_canvas: Size, out_hw: Size,
+                   lr_sizes: Sequence[Size], hr_sizes: Sequence[Size]) -> Tensor:
+    """Bilinearly resample ``feat`` (computed on the LR canvas) to ``out_hw`` on the HR canvas.
+
+    A cell's centre at HR pixel ``y_h`` is read from LR pixel ``y_h * h_lr / h_hr`` of the same image,
+    in the half-pixel convention of ``align_corners=False``; with equal sizes this is the identity.
+    Cells beyond the LR canvas repeat its border.
+
+    Args:
+        feat: features of the LR canvas.
+        lr_canvas: padded LR canvas ``(H, W)`` in pixels; ``hr_canvas`` likewise.
+        out_hw: output feature size.
+        lr_sizes, hr_sizes: content size ``(h, w)`` of each image, LR and HR.
+
+    Shape:
+        feat ``(N, C, h, w)`` -> ``(N, C, out_h, out_w)``.
+
+    Example:
+        >>> x = torch.arange(16.).view(1, 1, 4, 4)
+        >>> resample_to_hr(x, (32, 32), (32, 32), (4, 4), [(32, 32)], [(32, 32)]).equal(x)
+        True
+    """
+    n, _, h, w = feat.shape
+    oh, ow = out_hw
+    if (h, w) == tuple(out_hw) and tuple(lr_canvas) == tuple(hr_canvas) and \
+            [tuple(s) for s in lr_sizes] == [tuple(s) for s in hr_sizes]:
+        return feat  # same geometry: bilinear sampling at cell centres would only add rounding noise
+    # Exact canvas/feature ratios (not rounded strides): cell j covers [j*s, (j+1)*s) pixels.
+    s_in_y, s_in_x = lr_canvas[0] / h, lr_canvas[1] / w
+    s_out_y, s_out_x = hr_canvas[0] / oh, hr_canvas[1] / ow
+    opts = dict(device=feat.device, dtype=torch.float64)
+    r = torch.tensor([[l[0] / max(hh[0], 1), l[1] / max(hh[1], 1)] for l, hh in zip(lr_sizes, hr_sizes)], **opts)
+    jy = (torch.arange(oh, **opts) + 0.5) * s_out_y  # HR pixel of each output cell centre
+    jx = (torch.arange(ow, **opts) + 0.5) * s_out_x
+    uy = jy[None, :] * r[:, :1] / s_in_y  # continuous LR cell coordinate, 0 = left edge of cell 0
+    ux = jx[None, :] * r[:, 1:] / s_in_x
+    gy = (2 * uy / h - 1)[:, :, None].expand(n, oh, ow)  # align_corners=False normalisation
+    gx = (2 * ux / w - 1)[:, None, :].expand(n, oh, ow)
+    grid = torch.stack([gx, gy], dim=-1).to(feat.dtype)
+    return F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)

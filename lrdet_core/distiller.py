@@ -1,0 +1,667 @@
+"""The BridgeDistiller: LRDet's training step around an unchanged detector (Section 3, Algorithm 1).
+
+One training call runs
+
+1. the LR student as usual (its detection loss ``L_det(LR)``), recording its backbone outputs;
+2. the frozen HR teacher, only as far as its neck;
+3. the *bridge*: the recorded backbone outputs resampled to the HR feature sizes and pushed through the
+   student's own neck and head (the same modules, the same weights) against HR targets (``L_det(HR)``);
+4. a feature-distillation loss between the bridge's and the teacher's neck outputs, matched by stride.
+
+It returns one flat dict whose sum is ``L_det(LR) + L_det(HR bridge) + alpha * L_FD`` (eq. 1-2).
+Nothing in the user's model is rewritten: the bridge swaps modules for the duration of one call and
+hooks are removed in ``finally`` blocks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import SplitPoints, resolve_split_points, torchvision_family
+from .align import resample_to_hr
+from .context import DistillContext, level_stride
+from .errors import InputError, LevelMatchError, NonFiniteError, SplitPointError
+from .inherit import InheritReport, inherit_weights
+from .losses import RECOMMENDED_ALPHA, build_loss
+from .paths import get_module, swapped
+
+LossSpec = Union[str, nn.Module, Callable[..., Tensor]]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end the teacher's forward right after its neck."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature structures: a split point may return a tensor, a list/tuple or a dict of tensors.
+# --------------------------------------------------------------------------------------------------
+class _Feats:
+    """A split point's output as ordered (name, tensor) pairs plus a way to rebuild the original type."""
+
+    def __init__(self, out: Any, where: str):
+        if isinstance(out, Tensor):
+            self.keys, self.tensors, self._kind = ["0"], [out], "tensor"
+        elif isinstance(out, Mapping):
+            self.keys, self.tensors, self._kind = [str(k) for k in out], list(out.values()), type(out)
+            self._orig_keys = list(out)
+        elif isinstance(out, (list, tuple)):
+            self.keys, self.tensors, self._kind = [str(i) for i in range(len(out))], list(out), type(out)
+        else:
+            raise SplitPointError(f"expected the {where} to return a tensor, a list/tuple of tensors or a dict of "
+                                  f"tensors, but it returned {type(out).__name__}")
+        bad = [k for k, t in zip(self.keys, self.tensors) if not (isinstance(t, Tensor) and t.dim() == 4)]
+        if bad or not self.tensors:
+            got = {k: (tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__)
+                   for k, t in zip(self.keys, self.tensors)}
+            raise SplitPointError(f"expected the {where} to return N x C x H x W tensors, but got {got}")
+
+    def rebuild(self, tensors: Sequence[Tensor]) -> Any:
+        if self._kind == "tensor":
+            return tensors[0]
+        if self._kind in (list, tuple):
+            return self._kind(tensors)
+        try:
+            return self._kind(zip(self._orig_keys, tensors))
+        except TypeError:  # a Mapping type that cannot be built from pairs
+            return dict(zip(self._orig_keys, tensors))
+
+
+class _StandIn(nn.Module):
+    """Takes a module's place for one call; every other attribute is read from the original.
+
+    torchvision calls ``transform.postprocess`` and reads attributes of replaced modules, so a bare
+    replacement would break the model in ways that only show at run time.
+    """
+
+    def __init__(self, original: nn.Module, fn: Callable[..., Any]):
+        super().__init__()
+        object.__setattr__(self, "_original", original)  # not a submodule: no duplicate parameters
+        object.__setattr__(self, "_fn", fn)
+        self.training = original.training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+
+@contextmanager
+def _hook(module: nn.Module, fn: Callable, pre: bool = False) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _bn_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers use batch statistics but do not update their running ones.
+
+    The bridge reuses the student's neck and head; without this, every BN in them would average HR
+    statistics into the running estimates the LR student is evaluated with.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False  # with training=True: batch stats, no running update, no counter
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+@contextmanager
+def _attr_set(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _canvas_of(x: Any, where: str) -> Tuple[int, int]:
+    if not (isinstance(x, Tensor) and x.dim() == 4):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise SplitPointError(f"expected the {where} to receive the image batch (N, C, H, W) as its first input, "
+                              f"but it received {got}")
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
+def _loss_name(loss: Any) -> str:
+    if isinstance(loss, str):
+        return loss
+    name = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", "")
+    return name.lower() if name.isidentifier() else "custom"
+
+
+_SINGLE = "teacher"  # the internal name of a lone teacher; its loss keys carry no teacher name
+
+
+def _who(tname: str) -> str:
+    return "teacher" if tname == _SINGLE else f"teacher {tname!r}"
+
+
+def _copy_targets(targets: Optional[List[Dict[str, Tensor]]]) -> Optional[List[Dict[str, Tensor]]]:
+    return None if targets is None else [dict(t) for t in targets]
+
+
+# --------------------------------------------------------------------------------------------------
+class BridgeDistiller(nn.Module):
+    """Train an LR student with an HR teacher through LRDet's bridge branch.
+
+    Args:
+        student: the detector to train. In training it takes ``(images, targets)`` and returns a dict
+            of losses; in eval it takes ``images`` and returns predictions.
+        teacher: the frozen HR detector, a list of them (one bridge each, Table 5), or a dict
+            ``{name: teacher}`` whose names prefix the loss keys. It is never trained, always in eval
+            mode, runs under ``no_grad`` only as far as its neck, and is not part of ``state_dict()``.
+        split_points: where to cut the student; found automatically for torchvision RetinaNet, FCOS and
+            (Faster/Mask/Keypoint) R-CNN.
+        teacher_split_points: where to cut the teacher(s), when it differs from the student.
+        loss: ``"mse"`` (paper default) | ``"l1"`` | ``"cwd"`` | ``"fgd"`` | an ``nn.Module`` | any callable
+            ``(student_feats, teacher_feats, ctx) -> Tensor``. Each teacher gets its own instance.
+        alpha: weight of the distillation term; ``None`` takes the recommended value of a named loss
+            (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable.
+        inherit: initialise the student from the (first) teacher where names and shapes match (Sec. 3.2).
+        bridge: ``False`` gives the conventional "upsample" distillation of Table 1 instead: the LR neck
+            outputs are resampled to the teacher's sizes and distilled directly, with no bridge branch.
+        hr_source: how the HR view is made for torchvision detectors. ``"teacher"`` (default): the raw
+            images and targets go through the teacher's own transform, so the teacher sees the real
+            detail it was trained on. ``"lr"``: the images are first resized to the student's LR size and
+            then upsampled by the teacher's transform, as in the paper (which had only LR images).
+        hr_scale: for non-torchvision detectors without explicit ``hr_images``: the HR view is the
+            images bilinearly resized by this factor, with ``boxes`` scaled by it.
+        bridge_rois: R-CNN students only: RoIs sampled per image in the bridge pass (the RoI heads
+            dominate its cost); ``None`` keeps the student's own setting.
+        check_finite: ``"raise"`` (default) | ``"warn"`` | ``"off"`` for a NaN/Inf distillation term.
+
+    Loss keys (training): ``"lr/<k>"`` the student's own losses, ``"bridge/<k>"`` the bridge's,
+    ``"distill/<loss>"`` = ``alpha * L_FD``. With several teachers: ``"bridge.<name>/<k>"`` and
+    ``"distill.<name>/<loss>"`` (names ``t0, t1, ...`` for a list).
+
+    Example:
+        >>> import torch
+        >>> from torchvision.models.detection import retinanet_resnet50_fpn
+        >>> kw = dict(weights=None, weights_backbone=None, num_classes=3)
+        >>> student = retinanet_resnet50_fpn(min_size=128, max_size=128, **kw)
+        >>> teacher = retinanet_resnet50_fpn(min_size=256, max_size=256, **kw)
+        >>> distiller = BridgeDistiller(student, teacher)
+        >>> images = [torch.rand(3, 200, 200)]
+        >>> targets = [{"boxes": torch.tensor([[10., 20., 90., 120.]]), "labels": torch.tensor([1])}]
+        >>> sorted(distiller(images, targets))  # doctest: +NORMALIZE_WHITESPACE
+        ['bridge/bbox_regression', 'bridge/classification', 'distill/mse', 'lr/bbox_regression',
+         'lr/classification']
+    """
+
+    def __init__(self, student: nn.Module, teacher: Union[nn.Module, Sequence[nn.Module], Mapping[str, nn.Module]],
+                 split_points: Optional[SplitPoints] = None, teacher_split_points: Optional[SplitPoints] = None,
+                 loss: LossSpec = "mse", alpha: Optional[float] = None, inherit: bool = False, bridge: bool = True,
+                 hr_source: str = "teacher", hr_scale: Optional[float] = None, bridge_rois: Optional[int] = None,
+                 check_finite: str = "raise"):
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise InputError(f"expected the student to be an nn.Module, but got {type(student).__name__}")
+        self.student = student
+        teachers = self._as_teacher_dict(teacher)
+        if any(t is student for t in teachers.values()):
+            raise InputError("the teacher must be a separate model from the student (it is frozen)")
+        if hr_source not in ("teacher", "lr"):
+            raise InputError(f"expected hr_source to be 'teacher' or 'lr', but got {hr_source!r}")
+        if check_finite not in ("raise", "warn", "off"):
+            raise InputError(f"expected check_finite to be 'raise', 'warn' or 'off', but got {check_finite!r}")
+        if hr_scale is not None and not (isinstance(hr_scale, (int, float)) and hr_scale > 0):
+            raise InputError(f"expected hr_scale to be a positive number, but got {hr_scale!r}")
+
+        self.split_points = resolve_split_points(student, split_points, "student")
+        # A custom teacher is cut where the student is, unless it has split points of its own.
+        self.teacher_split_points = {
+            n: resolve_split_points(t, teacher_split_points or (None if torchvision_family(t) else self.split_points),
+                                    _who(n)) for n, t in teachers.items()}
+        get_module(student, self.split_points.backbone, "student's backbone split point")
+        get_module(student, self.split_points.neck, "student's neck split point")
+        for n, t in teachers.items():
+            get_module(t, self.teacher_split_points[n].backbone, f"{_who(n)}'s backbone split point")
+            get_module(t, self.teacher_split_points[n].neck, f"{_who(n)}'s neck split point")
+
+        self.torchvision = torchvision_family(student) is not None
+        if self.torchvision != all(torchvision_family(t) is not None for t in teachers.values()):
+            raise InputError("expected the student and the teacher(s) to be both torchvision detectors or both "
+                             "custom models, because the HR view is built differently for each")
+        self.bridge, self.hr_source, self.hr_scale = bridge, hr_source, hr_scale
+        self.bridge_rois, self.check_finite = bridge_rois, check_finite
+
+        # The teachers are kept out of the module tree: no gradients, not in state_dict(), not in
+        # parameters(), and distiller.train() cannot reach them.
+        for t in teachers.values():
+            t.requires_grad_(False)
+            t.eval()
+        object.__setattr__(self, "_teachers", teachers)
+
+        self.loss_name = _loss_name(loss)
+        if alpha is None:
+            alpha = RECOMMENDED_ALPHA.get(loss, 1.0) if isinstance(loss, str) else 1.0
+        self.alpha = float(alpha)
+        self.losses = nn.ModuleDict()
+        self._callable_losses: Dict[str, Callable] = {}
+        for i, n in enumerate(teachers):
+            fn = build_loss(loss) if (isinstance(loss, str) or i == 0) else (
+                copy.deepcopy(loss) if isinstance(loss, nn.Module) else loss)
+            if isinstance(fn, nn.Module):
+                self.losses[n] = fn
+            else:
+                self._callable_losses[n] = fn
+        self.projectors = nn.ModuleDict()  # 1x1 convs for levels whose channel counts differ
+        self._reported: set = set()
+
+        self.inherit_report: Optional[InheritReport] = None
+        if inherit:
+            self.inherit_report = inherit_weights(student, next(iter(teachers.values())))
+        self._constructed = False
+        # Strides read off small canvases are ambiguous (P6 and P7 of a 64 px image are both 1 cell);
+        # torchvision models get theirs from a probe at construction, custom models per step.
+        self._level_strides: Dict[str, Dict[str, int]] = {}
+        if self.torchvision:
+            self._probe_levels()
+        self._constructed = True
+
+    # ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_teacher_dict(teacher: Any) -> Dict[str, nn.Module]:
+        if isinstance(teacher, nn.Module):
+            teachers = {_SINGLE: teacher}
+        elif isinstance(teacher, Mapping):
+            teachers = dict(teacher)
+        elif isinstance(teacher, (list, tuple)):
+            teachers = {f"t{i}": t for i, t in enumerate(teacher)}
+        else:
+            raise InputError(f"expected the teacher to be an nn.Module, a list or a dict of them, "
+                             f"but got {type(teacher).__name__}")
+        if not teachers:
+            raise InputError("expected at least one teacher, but got an empty collection")
+        if len(teachers) > 1 and _SINGLE in teachers:
+            raise InputError(f"the name {_SINGLE!r} is reserved for a lone teacher; name the teachers otherwise, "
+                             f"got {list(teachers)}")
+        for n, t in teachers.items():
+            if not isinstance(t, nn.Module):
+                raise InputError(f"expected teacher {n!r} to be an nn.Module, but got {type(t).__name__}")
+            if not isinstance(n, str) or "." in n or "/" in n:
+                raise InputError(f"expected teacher names to be strings without '.' or '/', but got {n!r}")
+        return teachers
+
+    @property
+    def teachers(self) -> Dict[str, nn.Module]:
+        """The frozen teacher(s) by name (``"teacher"`` for a single one)."""
+        return self._teachers
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The first (usually the only) teacher."""
+        return next(iter(self._teachers.values()))
+
+    def train(self, mode: bool = True) -> "BridgeDistiller":
+        super().train(mode)
+        for t in self._teachers.values():
+            t.eval()  # a teacher in train mode would update its BN statistics and sample differently
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "BridgeDistiller":
+        super()._apply(fn, recurse)
+        for t in self._teachers.values():  # .to()/.cuda()/.float() move the teacher along
+            t._apply(fn, recurse)
+            t.requires_grad_(False)
+        return self
+
+    def student_state_dict(self) -> Dict[str, Tensor]:
+        """The plain student's ``state_dict``, loadable into a fresh model of the student's class."""
+        return self.student.state_dict()
+
+    def _key(self, kind: str, tname: str, name: str) -> str:
+        return f"{kind}/{name}" if tname == _SINGLE else f"{kind}.{tname}/{name}"
+
+    # ---------------------------------------------------------------------------------------------
+    def forward(self, images: Any, targets: Optional[List[Dict[str, Tensor]]] = None, *,
+                hr_images: Any = None, hr_targets: Optional[List[Dict[str, Tensor]]] = None) -> Any:
+        """Training: the dict of LRDet losses. Eval: the student's own predictions on ``images``.
+
+        Args:
+            images: what the student takes (for torchvision, a list of ``C x H x W`` tensors).
+            targets: what the student takes (for torchvision, a list of dicts with ``boxes``, ``labels``,
+                and ``masks``/``keypoints`` where the model needs them).
+            hr_images, hr_targets: an explicit HR view of the same batch. Optional for torchvision
+                (default: ``hr_source``) and for custom models with ``hr_scale``.
+        """
+        if not self.training:
+            return self.student(images)
+        if targets is None:
+            raise InputError("expected targets in training mode, but got None")
+        if isinstance(images, (list, tuple)) and len(images) != len(targets):
+            raise InputError(f"expected as many targets as images, but got {len(images)} images and "
+                             f"{len(targets)} targets")
+        if (hr_images is None) != (hr_targets is None):
+            raise InputError("expected hr_images and hr_targets together, but got only "
+                             f"{'hr_images' if hr_targets is None else 'hr_targets'}")
+        if hr_images is not None and isinstance(hr_images, (list, tuple)) and len(hr_images) != len(targets):
+            raise InputError(f"expected as many hr_images as images, but got {len(hr_images)} and {len(targets)}")
+        for t in self._teachers.values():
+            t.eval()
+
+        lr = self._student_pass(images, targets)
+        out = {f"lr/{k}": v for k, v in lr["losses"].items()}
+        for tname, teacher in self._teachers.items():
+            hr = self._teacher_pass(tname, teacher, images, targets, hr_images, hr_targets, lr)
+            if self.bridge:
+                bridge_losses, s_feats = self._bridge_pass(images, targets, lr, hr)
+                out.update({self._key("bridge", tname, k): v for k, v in bridge_losses.items()})
+            else:
+                s_feats = self._upsampled_lr_neck(lr, hr)
+            out[self._key("distill", tname, self.loss_name)] = self.alpha * self._distill(tname, s_feats, hr)
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def _student_pass(self, images: Any, targets: List[Dict[str, Tensor]]) -> Dict[str, Any]:
+        sp, rec = self.split_points, {}
+        where = f"student's backbone split point {sp.backbone!r}"
+
+        def on_backbone(mod, inputs, output):
+            rec["canvas"] = _canvas_of(inputs[0] if inputs else None, where)
+            feats = _Feats(output, where)
+            rec["backbone"] = feats
+            # The model gets a copy: an in-place op after the split point (ReLU(inplace=True)) must not
+            # change the tensors the bridge reads later.
+            return feats.rebuild([t.clone() for t in feats.tensors])
+
+        def on_neck(mod, inputs, output):
+            rec["neck"] = _Feats(output, f"student's neck split point {sp.neck!r}")
+
+        def on_transform(mod, inputs, output):
+            rec["image_list"], rec["targets"] = output
+
+        with ExitStack() as stack:
+            stack.enter_context(_hook(get_module(self.student, sp.backbone), on_backbone))
+            if not self.bridge:
+                stack.enter_context(_hook(get_module(self.student, sp.neck), on_neck))
+            if self.torchvision:
+                stack.enter_context(_hook(self.student.transform, on_transform))
+            losses = self.student(images, targets)
+        if "backbone" not in rec:
+            raise SplitPointError(f"the {where} was never reached in the student's forward")
+        if not self.bridge and "neck" not in rec:
+            raise SplitPointError(f"the student's neck split point {sp.neck!r} was never reached")
+        if not isinstance(losses, Mapping):
+            raise InputError(f"expected the student to return a dict of losses in training mode, "
+                             f"but it returned {type(losses).__name__}")
+        n = rec["backbone"].tensors[0].shape[0]
+        if self.torchvision:
+            rec["sizes"] = [tuple(int(v) for v in s) for s in rec["image_list"].image_sizes]
+        else:
+            rec["sizes"] = [rec["canvas"]] * n
+        rec["losses"] = losses
+        return rec
+
+    def _teacher_pass(self, tname: str, teacher: nn.Module, images: Any, targets: List[Dict[str, Tensor]],
+                      hr_images: Any, hr_targets: Any, lr: Dict[str, Any]) -> Dict[str, Any]:
+        sp, rec = self.teacher_split_points[tname], {}
+        who = _who(tname)
+        where = f"{who}'s backbone split point {sp.backbone!r}"
+
+        def on_backbone(mod, inputs, output):
+            rec["canvas"] = _canvas_of(inputs[0] if inputs else None, where)
+            feats = _Feats(output, where)
+            rec["backbone_sizes"] = {level_stride(rec["canvas"], t.shape[-2:]): tuple(t.shape[-2:])
+                                     for t in feats.tensors}
+
+        def on_neck(mod, inputs, output):
+            rec["neck"] = _Feats(output, f"{who}'s neck split point {sp.neck!r}")
+            raise _StopForward
+
+        def on_transform(mod, inputs, output):
+            rec["image_list"], rec["targets"] = output
+
+        if self.torchvision:
+            if hr_images is not None:
+                call_args = (list(hr_images), hr_targets)
+            elif self.hr_source == "teacher":
+                call_args = (images, targets)
+            else:  # the paper's HR view: the LR images (as the student saw them) upsampled by the teacher
+                lr_raw = [F.interpolate(img[None], size=s, mode="bilinear", align_corners=False)[0]
+                          for img, s in zip(images, lr["sizes"])]
+                call_args = (lr_raw, _copy_targets(lr["targets"]))
+        else:
+            if hr_images is None:
+                hr_images, hr_targets = self._scaled_view(images, targets)
+            rec["image_list"], rec["targets"] = None, hr_targets
+            call_args = (hr_images,)
+
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(_hook(get_module(teacher, sp.backbone), on_backbone))
+            stack.enter_context(_hook(get_module(teacher, sp.neck), on_neck))
+            if self.torchvision:
+                stack.enter_context(_hook(teacher.transform, on_transform))
+            try:
+                teacher(*call_args)
+            except _StopForward:
+                pass
+        if "neck" not in rec:
+            raise SplitPointError(f"the {who}'s neck split point {sp.neck!r} was never reached in its forward")
+        n_lr, n_hr = lr["backbone"].tensors[0].shape[0], rec["neck"].tensors[0].shape[0]
+        if n_lr != n_hr:
+            raise InputError(f"expected the HR view to hold the same {n_lr} images as the LR batch, "
+                             f"but the {who} saw {n_hr}")
+        if self.torchvision:
+            rec["sizes"] = [tuple(int(v) for v in s) for s in rec["image_list"].image_sizes]
+        else:
+            rec["sizes"] = [rec["canvas"]] * n_hr
+        rec["hr_inputs"], rec["who"] = call_args, who
+        return rec
+
+    def _scaled_view(self, images: Any, targets: List[Dict[str, Tensor]]) -> Tuple[Any, List[Dict[str, Tensor]]]:
+        """The documented default HR view of a custom model: resize by ``hr_scale``, scale ``boxes``."""
+        if self.hr_scale is None:
+            raise InputError("expected hr_images and hr_targets, or BridgeDistiller(..., hr_scale=...) to build "
+                             "them, for a model that is not a torchvision detector; got neither")
+        s = self.hr_scale
+
+        def up(x: Tensor) -> Tensor:
+            x4 = x if x.dim() == 4 else x[None]
+            y = F.interpolate(x4, scale_factor=s, mode="bilinear", align_corners=False)
+            return y if x.dim() == 4 else y[0]
+
+        if isinstance(images, Tensor):
+            hr_images = up(images)
+        elif isinstance(images, (list, tuple)):
+            hr_images = [up(x) for x in images]
+        else:
+            raise InputError(f"expected images as a tensor or a list of tensors to build the HR view, "
+                             f"but got {type(images).__name__}")
+        hr_targets = []
+        for t in targets:
+            t = dict(t)
+            if "boxes" in t:
+                t["boxes"] = t["boxes"] * s
+            hr_targets.append(t)
+        return hr_images, hr_targets
+
+    # ---------------------------------------------------------------------------------------------
+    def _bridge_pass(self, images: Any, targets: Any, lr: Dict[str, Any],
+                     hr: Dict[str, Any]) -> Tuple[Mapping[str, Tensor], "_Feats"]:
+        sp, rec = self.split_points, {}
+        feats: _Feats = lr["backbone"]
+        lr_canvas = lr["canvas"]
+
+        def replay(x: Any, *args: Any, **kwargs: Any) -> Any:
+            hr_canvas = _canvas_of(x, "bridge's backbone stand-in")
+            out = []
+            for t in feats.tensors:
+                s_lr = lr_canvas[0] / t.shape[-2], lr_canvas[1] / t.shape[-1]
+                size = hr.get("backbone_sizes", {}).get(level_stride(lr_canvas, t.shape[-2:]))
+                if size is None:  # the teacher has no backbone level at this stride
+                    size = (math.ceil(hr_canvas[0] / s_lr[0] - 1e-6), math.ceil(hr_canvas[1] / s_lr[1] - 1e-6))
+                out.append(resample_to_hr(t, lr_canvas, hr_canvas, size, lr["sizes"], hr["sizes"]))
+            return feats.rebuild(out)
+
+        def on_neck(mod, inputs, output):
+            rec["neck"] = _Feats(output, f"student's neck split point {sp.neck!r}")
+
+        backbone = get_module(self.student, sp.backbone)
+        with ExitStack() as stack:
+            stack.enter_context(swapped(self.student, sp.backbone, _StandIn(backbone, replay)))
+            stack.enter_context(_hook(get_module(self.student, sp.neck), on_neck))
+            stack.enter_context(_bn_stats_frozen(self.student))
+            if self.torchvision:
+                image_list, hr_targets = hr["image_list"], hr["targets"]
+                transform = self.student.transform
+                stack.enter_context(swapped(self.student, "transform", _StandIn(
+                    transform, lambda *a, **k: (image_list, _copy_targets(hr_targets)))))
+                if self.bridge_rois is not None and hasattr(self.student, "roi_heads"):
+                    sampler = self.student.roi_heads.fg_bg_sampler
+                    stack.enter_context(_attr_set(sampler, "batch_size_per_image", int(self.bridge_rois)))
+                losses = self.student(images, targets)
+            else:
+                losses = self.student(hr["hr_inputs"][0], _copy_targets(hr["targets"]))
+        if "neck" not in rec:
+            raise SplitPointError(f"the student's neck split point {sp.neck!r} was never reached in the bridge pass")
+        return losses, rec["neck"]
+
+    def _upsampled_lr_neck(self, lr: Dict[str, Any], hr: Dict[str, Any]) -> "_Feats":
+        """Table 1's conventional alignment: the LR neck maps resampled onto the teacher's grid."""
+        neck: _Feats = lr["neck"]
+        t_sizes = {self._stride(hr["who"], k, hr["canvas"], t): tuple(t.shape[-2:])
+                   for k, t in zip(hr["neck"].keys, hr["neck"].tensors)}
+        out = []
+        for k, t in zip(neck.keys, neck.tensors):
+            s = self._stride("student", k, lr["canvas"], t)
+            size = t_sizes.get(s, tuple(t.shape[-2:]))
+            out.append(resample_to_hr(t, lr["canvas"], hr["canvas"], size, lr["sizes"], hr["sizes"]))
+        up = copy.copy(neck)
+        up.tensors = out
+        return up
+
+    # ---------------------------------------------------------------------------------------------
+    def _stride(self, side: str, key: str, canvas: Tuple[int, int], t: Tensor) -> int:
+        return self._level_strides.get(side, {}).get(key) or level_stride(canvas, t.shape[-2:])
+
+    def _match(self, tname: str, s_feats: "_Feats", t_feats: "_Feats", canvas: Tuple[int, int],
+               s_canvas: Optional[Tuple[int, int]] = None) -> List[Tuple[int, str, str, Tensor, Tensor]]:
+        """Pair student and teacher levels by stride: ``[(stride, s_key, t_key, s, t)]``."""
+        who = _who(tname)
+
+        def by_stride(f: _Feats, c: Tuple[int, int], side: str) -> Dict[int, Tuple[str, Tensor]]:
+            d: Dict[int, Tuple[str, Tensor]] = {}
+            for k, t in zip(f.keys, f.tensors):
+                s = self._stride(side, k, c, t)
+                if s in d:
+                    raise LevelMatchError(f"expected one {side} level per stride, but levels {d[s][0]!r} and {k!r} "
+                                          f"both have stride {s}")
+                d[s] = (k, t)
+            return d
+
+        s_by, t_by = by_stride(s_feats, s_canvas or canvas, "student"), by_stride(t_feats, canvas, who)
+        if not self._constructed:  # the probe: remember each level's stride, read off a roomy canvas
+            self._level_strides["student"] = {k: s for s, (k, _) in s_by.items()}
+            self._level_strides[who] = {k: s for s, (k, _) in t_by.items()}
+        common = sorted(set(s_by) & set(t_by))
+        if not common:
+            raise LevelMatchError(f"cannot match any pyramid level: the student's neck has strides {sorted(s_by)} "
+                                  f"and the {who}'s has {sorted(t_by)}")
+        skipped = sorted(set(s_by) ^ set(t_by))
+        if skipped and tname not in self._reported:
+            self._reported.add(tname)
+            warnings.warn(f"LRDet: levels with stride {skipped} have no partner between the student and the {who} "
+                          f"and are not distilled (student strides {sorted(s_by)}, teacher strides {sorted(t_by)})",
+                          stacklevel=3)
+        pairs = []
+        for s in common:
+            (sk, sv), (tk, tv) = s_by[s], t_by[s]
+            if sv.shape[0] != tv.shape[0] or sv.shape[-2:] != tv.shape[-2:]:
+                raise LevelMatchError(f"expected the student's level {sk!r} and the {who}'s level {tk!r} (stride {s}) "
+                                      f"to have the same batch and spatial size, but got {tuple(sv.shape)} and "
+                                      f"{tuple(tv.shape)}")
+            pairs.append((s, sk, tk, sv, tv))
+        return pairs
+
+    def _build(self, tname: str, pairs: Sequence[Tuple[int, str, str, Tensor, Tensor]]) -> None:
+        """Create projectors and loss parameters once the channel counts are known."""
+        created = False
+        for s, sk, tk, sv, tv in pairs:
+            key = f"{tname}_s{s}"
+            if sv.shape[1] != tv.shape[1] and key not in self.projectors:
+                self.projectors[key] = nn.Conv2d(sv.shape[1], tv.shape[1], 1).to(device=sv.device, dtype=sv.dtype)
+                created = True
+        loss = self.losses[tname] if tname in self.losses else None
+        if loss is not None and hasattr(loss, "materialize"):
+            n_before = sum(1 for _ in loss.parameters())
+            loss.materialize([tv.shape[1] for *_, tv in pairs])
+            loss.to(device=pairs[0][4].device)
+            created = created or sum(1 for _ in loss.parameters()) != n_before
+        if created and self._constructed:
+            warnings.warn("LRDet: distillation parameters (projectors or loss parameters) were created at the first "
+                          "training step. Build the optimizer after one step, or add them with "
+                          "optimizer.add_param_group({'params': distiller.projectors.parameters()}) "
+                          "and the loss's parameters", stacklevel=3)
+
+    @torch.no_grad()
+    def _probe_levels(self) -> None:
+        """torchvision only: learn level strides and channels from a tiny input, so that projectors and
+        loss parameters exist before the user builds the optimizer."""
+        x = torch.zeros(1, 3, 256, 256, device=next(self.student.parameters()).device)
+
+        def neck_of(model: nn.Module) -> _Feats:
+            was = model.training
+            model.eval()
+            try:
+                return _Feats(model.backbone(x.to(next(model.parameters()).device)), "backbone probe")
+            finally:
+                model.train(was)
+
+        s_feats = neck_of(self.student)
+        for tname, t in self._teachers.items():
+            pairs = self._match(tname, s_feats, neck_of(t), (256, 256))
+            self._build(tname, [(s, sk, tk, sv, tv.to(sv.device)) for s, sk, tk, sv, tv in pairs])
+
+    # ---------------------------------------------------------------------------------------------
+    def _distill(self, tname: str, s_feats: "_Feats", hr: Dict[str, Any]) -> Tensor:
+        pairs = self._match(tname, s_feats, hr["neck"], hr["canvas"])
+        self._build(tname, pairs)
+        student, teacher = [], []
+        for s, sk, tk, sv, tv in pairs:
+            proj = self.projectors[f"{tname}_s{s}"] if sv.shape[1] != tv.shape[1] else None
+            student.append(proj(sv) if proj is not None else sv)
+            teacher.append(tv)
+        boxes = [t["boxes"].detach() if "boxes" in t else torch.zeros(0, 4)
+                 for t in (hr["targets"] or [{} for _ in teacher[0]])]
+        ctx = DistillContext(boxes=boxes, image_sizes=list(hr["sizes"]), canvas_size=tuple(hr["canvas"]),
+                             strides=[p[0] for p in pairs], level_names=[p[2] for p in pairs])
+        loss = self.losses[tname] if tname in self.losses else self._callable_losses[tname]
+        value = loss(student, teacher, ctx)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            raise InputError(f"expected the distillation loss to return a scalar tensor, but it returned "
+                             f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        if self.check_finite != "off" and not bool(torch.isfinite(value)):
+            bad = []
+            for i in range(len(student)):
+                sub = DistillContext(boxes=ctx.boxes, image_sizes=ctx.image_sizes, canvas_size=ctx.canvas_size,
+                                     strides=[ctx.strides[i]], level_names=[ctx.level_names[i]])
+                with torch.no_grad():
+                    if not bool(torch.isfinite(loss([student[i]], [teacher[i]], sub))):
+                        bad.append(f"{ctx.level_names[i]} (stride {ctx.strides[i]})")
+            msg = (f"the distillation term {self._key('distill', tname, self.loss_name)!r} is {value.item()}; "
+                   f"non-finite at level(s) {', '.join(bad) or 'unknown (only in the sum)'}")
+            if self.check_finite == "raise":
+                raise NonFiniteError(msg)
+            warnings.warn("LRDet: " + msg, stacklevel=3)
+        return value
