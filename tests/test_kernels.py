@@ -280,3 +280,13 @@ def test_fgd_mask_shape_error():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     with pytest.raises(LossError, match="fg_mask"):
         fgd.fgd_focal_attention_triton(s, t, fg[:, :3], bg, 0.5)
+
+
+def test_package_imports_do_not_import_triton():
+    import subprocess
+
+    code = "import sys, lrdet_core, lrdet_core.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr

@@ -45,7 +45,7 @@ from ._common import (DTYPES, MAX_LEVELS, TRITON_DTYPE, check_pair, level_groups
 #: (single pass); longer rows use BLOCK = 4096 chunks in two passes. One BLOCK per launch,
 #: chosen by the longest row, so short levels waste masked lanes but never memory traffic.
 BLOCKS = (256, 1024, 4096)
-NUM_WARPS = {256: 2, 1024: 4, 4096: 8}
+NUM_WARPS = {256: 2, 1024: 4, 4096: 16}  # 8 elements per thread per tensor at most
 
 
 @triton.jit
