@@ -1,0 +1,542 @@
+"""Reproduce LRDet on real aerial images: tree crowns from NEON (the DeepForest sample data).
+
+An FCOS with a small from-scratch backbone is trained as the HR teacher on native 256 px tiles
+(10 cm/px); LR students see the same tiles downsampled with antialiasing (0.5x by default, i.e.
+20 cm/px, crowns of 15-25 px). Runs, all scored on the held-out rows of the training image and,
+separately, on tiles from other images and sites ("cross-site"):
+
+==============  ==================================================================================
+hr_teacher      the teacher, at HR (an upper reference, not a competitor)
+lr_baseline     the student trained alone at LR
+fitnet_up       + upsample distillation: LR neck maps resized to the teacher's, MSE (no bridge)
+bridge          + LRDet's bridge branch and feature distillation, random initialisation
+inherit         + weights inherited from the teacher, no distillation
+lrdet           bridge + inherit (the full method)
+lrdet_<loss>    lrdet with the L1 / CWD / FGD distillation loss instead of MSE (``--full``)
+==============  ==================================================================================
+
+Predictions of LR models are scaled back to native pixels before COCO evaluation, so AP_S/AP_M
+always refer to the same crowns (COCO: small < 32^2 native px).
+
+Usage::
+
+    python examples/reproduce_deepforest.py            # default preset, ~30 min on 2 CPU cores
+    python examples/reproduce_deepforest.py --quick    # smoke test (CI)
+    python examples/reproduce_deepforest.py --full     # longer schedule, more seeds, all losses
+
+Outputs (``--out``, default ``examples/results``): ``deepforest[_<preset>].json`` with every run's
+metrics and settings, ``deepforest[_<preset>].md`` (tables), ``deepforest[_<preset>]_ap.png`` (AP per
+method) and ``deepforest[_<preset>]_features.png`` (FPN activation maps, as in the paper's Fig. 2).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deepforest_data as dfd  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR100")
+
+# ------------------------------------------------------------------------------------------------
+# Model: FCOS on a small conv-BN body with the BackboneWithFPN layout (``.body`` / ``.fpn``), so
+# the distiller's automatic split points ``backbone.body`` / ``backbone.fpn`` apply.
+# ------------------------------------------------------------------------------------------------
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.a = _conv_bn(c, c)
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.b(self.a(x)))
+
+
+class SmallBody(nn.Module):
+    """A from-scratch conv-BN body returning C3, C4, C5 (strides 8, 16, 32) as an OrderedDict."""
+
+    def __init__(self, widths: Sequence[int] = (24, 32, 64, 128, 192)):
+        super().__init__()
+        w = widths
+        self.stem = nn.Sequential(_conv_bn(3, w[0], 2), _conv_bn(w[0], w[1], 2))           # stride 4
+        self.c3 = nn.Sequential(_conv_bn(w[1], w[2], 2), _Res(w[2]))                       # stride 8
+        self.c4 = nn.Sequential(_conv_bn(w[2], w[3], 2), _Res(w[3]))                       # stride 16
+        self.c5 = nn.Sequential(_conv_bn(w[3], w[4], 2), _Res(w[4]))                       # stride 32
+        self.out_channels_list = list(w[2:])
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        c3 = self.c3(self.stem(x))
+        c4 = self.c4(c3)
+        return OrderedDict([("0", c3), ("1", c4), ("2", self.c5(c4))])
+
+
+class SmallBackbone(nn.Module):
+    """``body`` + torchvision ``FeaturePyramidNetwork``: the structure of torchvision's BackboneWithFPN."""
+
+    def __init__(self, fpn_channels: int = 64):
+        from torchvision.ops import FeaturePyramidNetwork
+
+        super().__init__()
+        self.body = SmallBody()
+        self.fpn = FeaturePyramidNetwork(self.body.out_channels_list, fpn_channels)
+        self.out_channels = fpn_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.fpn(self.body(x))
+
+
+def build_fcos(size: int, head_convs: int = 2, score_thresh: float = 0.05) -> nn.Module:
+    """FCOS (P3-P5, one class) for ``size`` x ``size`` tiles that are already standardised.
+
+    ``min_size = max_size = size`` so torchvision's transform never resizes (LR tiles are made by
+    antialiased downsampling beforehand); mean 0 / std 1 because tiles are standardised per tile.
+    """
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOSHead
+
+    backbone = SmallBackbone()
+    anchors = AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3)  # one point per location, size = stride
+    head = FCOSHead(backbone.out_channels, 1, 2, num_convs=head_convs)
+    return FCOS(backbone, num_classes=2, min_size=size, max_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                anchor_generator=anchors, head=head, score_thresh=score_thresh, detections_per_img=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: batches of (LR view, HR view) of the same random crops
+# ------------------------------------------------------------------------------------------------
+
+
+def make_batch(crops: dfd.TrainCrops, batch: int, scale: float, g: torch.Generator):
+    """Standardised LR and HR images with their targets (LR boxes scaled, HR boxes native)."""
+    lr_imgs, lr_tgts, hr_imgs, hr_tgts = [], [], [], []
+    for _ in range(batch):
+        hr, boxes = crops.sample(g)
+        lr, lr_boxes = dfd.downsample(hr, boxes, scale)
+        hr_imgs.append(dfd.standardise(hr))
+        hr_tgts.append(dfd.target(boxes))
+        lr_imgs.append(dfd.standardise(lr))
+        lr_tgts.append(dfd.target(lr_boxes))
+    return lr_imgs, lr_tgts, hr_imgs, hr_tgts
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and COCO evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def lr_lambda(warmup: int, iters: int) -> Callable[[int], float]:
+    def f(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(iters - warmup, 1)))
+    return f
+
+
+def train(module: nn.Module, step: Callable[[int], Dict[str, Tensor]], iters: int, lr: float, desc: str,
+          warmup: int = 50, clip: float = 10.0, log_every: int = 50) -> List[Dict[str, float]]:
+    """AdamW, linear warm-up then cosine decay, gradient clipping; ``step(i)`` returns a loss dict."""
+    from tqdm import tqdm
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(warmup, max(iters // 5, 1)), iters))
+    module.train()
+    log, running = [], {}
+    bar = tqdm(range(iters), desc=desc, leave=False, dynamic_ncols=True, mininterval=2)
+    for i in bar:
+        losses = step(i)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss at iteration {i}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        if (i + 1) % log_every == 0 or i + 1 == iters:
+            n = log_every if (i + 1) % log_every == 0 else (i + 1) % log_every
+            entry = {"iter": i + 1, **{k: v / n for k, v in running.items()}}
+            log.append(entry)
+            bar.set_postfix(loss=f"{sum(v for k, v in entry.items() if k != 'iter'):.3f}")
+            running = {}
+    bar.close()
+    return log
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tiles: List[Dict], scale: float, batch: int = 8) -> List[Dict[str, Tensor]]:
+    """Predictions for each tile at ``scale``, with boxes mapped back to native pixels."""
+    model.eval()
+    out = []
+    for i in range(0, len(tiles), batch):
+        imgs = [dfd.standardise(dfd.downsample(t["image"], t["boxes"], scale)[0]) for t in tiles[i:i + batch]]
+        for p in model(imgs):
+            out.append({k: (v / scale if k == "boxes" else v) for k, v in p.items()})
+    return out
+
+
+def coco_metrics(tiles: List[Dict], preds: List[Dict[str, Tensor]]) -> Dict[str, float]:
+    """COCO box metrics (pycocotools) over tiles; every tile is one image, boxes in native pixels."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, anns, dets = [], [], []
+    for i, (t, p) in enumerate(zip(tiles, preds)):
+        h, w = t["image"].shape[-2:]
+        images.append({"id": i, "width": int(w), "height": int(h)})
+        for b in t["boxes"].tolist():
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+        for b, s in zip(p["boxes"].tolist(), p["scores"].tolist()):
+            dets.append({"image_id": i, "category_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                         "score": s})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "tree"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if not dets:
+            return {m: 0.0 for m in METRICS}
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.params.maxDets = [1, 10, 100]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    s = ev.stats  # -1 where a size range has no crowns: reported as NaN
+    vals = [s[0], s[1], s[2], s[3], s[4], s[5], s[8]]
+    return {m: (float(v) if v >= 0 else float("nan")) for m, v in zip(METRICS, vals)}
+
+
+def evaluate(model: nn.Module, splits: Dict[str, List[Dict]], scale: float) -> Dict[str, Dict[str, float]]:
+    return {name: coco_metrics(tiles, predict(model, tiles, scale)) for name, tiles in splits.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "quick": dict(scale=0.5, teacher_iters=4, iters=3, batch=2, seeds=[0], lr=1e-3, alpha=0.005,
+                  methods=["lr_baseline", "fitnet_up", "lrdet"]),
+    "default": dict(scale=0.5, teacher_iters=600, iters=300, batch=8, seeds=[0, 1], lr=1e-3, alpha=0.005,
+                    methods=["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet"]),
+    "full": dict(scale=0.5, teacher_iters=1000, iters=800, batch=8, seeds=[0, 1, 2, 3, 4], lr=1e-3, alpha=0.005,
+                 methods=["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_l1", "lrdet_cwd",
+                          "lrdet_fgd"]),
+}
+ALL_METHODS = ["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_l1", "lrdet_cwd", "lrdet_fgd"]
+LABELS = {"hr_teacher": "HR teacher (1x)", "lr_baseline": "LR baseline", "fitnet_up": "+ upsample distill (Fitnet/Up)",
+          "bridge": "+ bridge", "inherit": "+ inherit", "lrdet": "+ bridge + inherit (LRDet)",
+          "lrdet_l1": "LRDet, L1", "lrdet_cwd": "LRDet, CWD", "lrdet_fgd": "LRDet, FGD"}
+
+
+def seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(10_000 + seed)
+
+
+def train_teacher(cfg: dict, crops: dfd.TrainCrops, cache: Optional[Path]):
+    """The HR teacher and its training time, from the cache when one with these settings exists."""
+    teacher = build_fcos(dfd.TILE)
+    key = {k: cfg[k] for k in ("teacher_iters", "batch", "lr", "teacher_seed")}
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache / f"deepforest_teacher_{tag}.pt" if cache else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu")
+        teacher.load_state_dict(saved["state_dict"])
+        print(f"HR teacher loaded from {path} (trained in {saved['train_time_s']:.0f} s)")
+        return teacher, saved["train_time_s"], True
+    g = seed_all(cfg["teacher_seed"])
+    teacher = build_fcos(dfd.TILE)  # rebuilt after seeding so the initialisation is reproducible
+
+    def step(i):
+        _, _, hr, hr_t = make_batch(crops, cfg["batch"], 1.0, g)
+        return teacher(hr, hr_t)
+
+    t = time.time()
+    train(teacher, step, cfg["teacher_iters"], cfg["lr"], "HR teacher")
+    t = time.time() - t
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": teacher.state_dict(), "train_time_s": t, "settings": key}, path)
+    return teacher, t, False
+
+
+def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teacher: nn.Module) -> nn.Module:
+    """Train one LR student with ``method``; returns the plain student detector."""
+    from lrdet_core import BridgeDistiller, inherit_weights
+
+    g = seed_all(seed)
+    lr_size = round(dfd.TILE * cfg["scale"])
+    student = build_fcos(lr_size)
+    scale, batch = cfg["scale"], cfg["batch"]
+    desc = f"{method} seed {seed}"
+    if method in ("lr_baseline", "inherit"):
+        if method == "inherit":
+            inherit_weights(student, teacher)
+
+        def step(i):
+            lr, lr_t, _, _ = make_batch(crops, batch, scale, g)
+            return student(lr, lr_t)
+
+        train(student, step, cfg["iters"], cfg["lr"], desc)
+        return student
+    loss = method.split("_", 1)[1] if method.startswith("lrdet_") else "mse"
+    alpha = cfg["alpha"] if loss == "mse" else None  # other losses: the library's recommended weight
+    d = BridgeDistiller(student, teacher, loss=loss, alpha=alpha, inherit=method.startswith("lrdet"),
+                        bridge=method != "fitnet_up")
+
+    def step(i):
+        lr, lr_t, hr, hr_t = make_batch(crops, batch, scale, g)
+        return d(lr, lr_t, hr_images=hr, hr_targets=hr_t)
+
+    cfg.setdefault("_logs", {})[f"{method}/{seed}"] = train(d, step, cfg["iters"], cfg["lr"], desc)
+    return student
+
+
+def json_safe(x):
+    """NaN (a size range without crowns) as null, so that the files are strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def mean_std(xs: Sequence[float]):
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def summarise(results: Dict) -> Dict:
+    """mean/std over seeds per method and split, and the paired difference to the LR baseline."""
+    out = {}
+    base = results["runs"].get("lr_baseline", {})
+    for method, per_seed in results["runs"].items():
+        out[method] = {}
+        for split in ("val", "cross_site"):
+            row = {}
+            for m in METRICS:
+                vals = [r[split][m] for r in per_seed.values()]
+                row[m] = mean_std(vals)
+                if method not in ("lr_baseline", "hr_teacher") and base:
+                    diffs = [r[split][m] - base[s][split][m] for s, r in per_seed.items() if s in base]
+                    row["d" + m] = mean_std(diffs)
+            row["n"] = len(per_seed)
+            out[method][split] = row
+    return out
+
+
+def fmt(ms, digits=3):
+    m, s = ms
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown(results: Dict, summary: Dict) -> str:
+    cfg = results["config"]
+    lines = [f"# LRDet on NEON tree crowns (DeepForest sample data), preset `{cfg['preset']}`", "",
+             f"Command: `{cfg['command']}`  ",
+             f"LR scale {cfg['scale']} (tiles {round(256 * cfg['scale'])} px, HR 256 px); teacher "
+             f"{cfg['teacher_iters']} iterations, students {cfg['iters']} iterations, batch {cfg['batch']}, AdamW lr "
+             f"{cfg['lr']}, alpha (MSE, sum) {cfg['alpha']}; seeds {cfg['seeds']} (teacher seed "
+             f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']} "
+             f"(teacher training: {results['timings_s']['hr_teacher'] / 60:.1f} min"
+             f"{', loaded from the cache, not part of the wall time' if results.get('teacher_cached') else ''}).", "",
+             "Mean ± std over seeds. ΔAP: paired difference to the LR baseline with the same seed (same data order "
+             "and initialisation). Boxes in native pixels for every model (COCO small: < 32² px).", ""]
+    for split, title in (("val", "Held-out rows of the training image (main score)"),
+                         ("cross_site", "Cross-site: other YELL image + OSBS + SOAP (robustness, different domain)")):
+        lines += [f"## {title}", "",
+                  "| method | n | AP | AP50 | AP75 | AP_S | AP_M | AR100 | ΔAP vs LR baseline |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for method in summary:
+            r = summary[method][split]
+            delta = fmt(r["dAP"]) if "dAP" in r else ""
+            lines.append(f"| {LABELS.get(method, method)} | {r['n']} | " + " | ".join(
+                fmt(r[m]) for m in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AR100")) + f" | {delta} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_ap(summary: Dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=False)
+    for ax, split in zip(axes, ("val", "cross_site")):
+        ms = [summary[m][split]["AP"] for m in methods]
+        colors = ["#888888" if m == "hr_teacher" else "#4c72b0" if m in ("lr_baseline",) else "#dd8452"
+                  for m in methods]
+        ax.bar(range(len(methods)), [m for m, _ in ms], yerr=[s for _, s in ms], color=colors, capsize=4)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([LABELS.get(m, m).replace(" (", "\n(") for m in methods], rotation=35, ha="right",
+                           fontsize=8)
+        ax.set_ylabel("COCO AP")
+        ax.set_title({"val": "held-out (main)", "cross_site": "cross-site"}[split])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_features(models: Dict[str, tuple], tile: Dict, path: Path) -> None:
+    """Mean |activation| of the FPN outputs (P3) of each model on one held-out tile (cf. paper Fig. 2)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.2 * (len(models) + 1), 3.4))
+    axes[0].imshow(tile["image"].permute(1, 2, 0).numpy())
+    for b in tile["boxes"].tolist():
+        axes[0].add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="y", lw=0.8))
+    axes[0].set_title("held-out tile (HR)", fontsize=9)
+    for ax, (name, (model, scale)) in zip(axes[1:], models.items()):
+        model.eval()
+        img = dfd.standardise(dfd.downsample(tile["image"], tile["boxes"], scale)[0])
+        feats = model.backbone(img[None])
+        p3 = next(iter(feats.values()))[0].abs().mean(0)
+        ax.imshow(p3.numpy(), cmap="viridis", extent=(0, 256, 256, 0))
+        ax.set_title(f"{name}\nP3 {tuple(p3.shape)}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smoke test: a few iterations, one seed (CI)")
+    g.add_argument("--full", action="store_true", help="longer schedule, 5 seeds, all distillation losses")
+    p.add_argument("--scale", type=float, help="LR scale (default 0.5; 0.25 is the harder preset)")
+    p.add_argument("--iters", type=int, help="student iterations")
+    p.add_argument("--teacher-iters", type=int, help="teacher iterations")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--alpha", type=float, help="weight of the MSE distillation term (sum reduction)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--teacher-seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--name", help="output file stem (default deepforest, deepforest_quick, deepforest_full)")
+    p.add_argument("--cache", type=Path, default=dfd.default_cache_dir(),
+                   help="where the data wheel and trained teachers are kept")
+    p.add_argument("--no-teacher-cache", action="store_true", help="always train the teacher")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    cfg = dict(PRESETS[preset])
+    for k in ("scale", "iters", "teacher_iters", "batch", "lr", "alpha", "seeds", "methods"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    cfg.update(preset=preset, teacher_seed=args.teacher_seed,
+               command="python examples/reproduce_deepforest.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    name = args.name or ("deepforest" if preset == "default" else f"deepforest_{preset}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    crops = dfd.TrainCrops(cache_dir=str(args.cache))
+    splits = {s: dfd.load_split(s, cache_dir=str(args.cache)) for s in ("val", "cross_site")}
+    if preset == "quick":  # a smoke test: every code path, a fraction of the tiles
+        splits = {s: t[::4] for s, t in splits.items()}
+    print(f"preset {preset}: {json.dumps({k: v for k, v in cfg.items() if k != 'command'})}")
+    print(f"data: {json.dumps(dfd.summary(str(args.cache)))}")
+
+    timings = {}
+    teacher, timings["hr_teacher"], cached = train_teacher(cfg, crops, None if args.no_teacher_cache or preset == "quick"
+                                                   else args.cache)
+    results = {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "runs": {}, "timings_s": {}}
+    results["runs"]["hr_teacher"] = {str(cfg["teacher_seed"]): evaluate(teacher, splits, 1.0)}
+    print(f"HR teacher: val AP {results['runs']['hr_teacher'][str(cfg['teacher_seed'])]['val']['AP']:.3f}")
+
+    keep = {}
+    for seed in cfg["seeds"]:
+        for method in cfg["methods"]:
+            t = time.time()
+            student = run_student(method, seed, cfg, crops, teacher)
+            timings[f"{method}/{seed}"] = time.time() - t
+            res = evaluate(student, splits, cfg["scale"])
+            results["runs"].setdefault(method, {})[str(seed)] = res
+            print(f"{method:12s} seed {seed}: val AP {res['val']['AP']:.3f} AP_S {res['val']['AP_S']:.3f} | "
+                  f"cross-site AP {res['cross_site']['AP']:.3f} ({timings[f'{method}/{seed}']:.0f} s)", flush=True)
+            if seed == cfg["seeds"][0] and method in ("lr_baseline", "lrdet"):
+                keep[method] = student
+
+    results["timings_s"] = timings
+    results["wall_time_s"] = time.time() - t0
+    results["teacher_cached"] = cached
+    results["loss_logs"] = cfg.get("_logs", {})
+    results["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    results["versions"] = {"torch": torch.__version__, "python": platform.python_version(), "commit": git_commit()}
+    try:
+        import torchvision
+        results["versions"]["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    results["summary"] = summarise(results)
+    (args.out / f"{name}.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
+    md = markdown(results, results["summary"])
+    (args.out / f"{name}.md").write_text(md + "\n")
+    if not args.no_plots:
+        plot_ap(results["summary"], args.out / f"{name}_ap.png", f"LRDet on NEON tree crowns, LR {cfg['scale']}x "
+                f"({preset}; mean ± std over {len(cfg['seeds'])} seeds)")
+        models = {"HR teacher": (teacher, 1.0)}
+        models.update({LABELS[k]: (v, cfg["scale"]) for k, v in keep.items()})
+        vis = max(splits["val"], key=lambda t: len(t["boxes"]))
+        plot_features(models, vis, args.out / f"{name}_features.png")
+    print(md)
+    print(f"wrote {args.out / name}.{{json,md}} in {results['wall_time_s'] / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()
