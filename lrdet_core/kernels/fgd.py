@@ -45,10 +45,10 @@ from torch import Tensor
 from ..errors import LossError
 from ._common import DTYPES, TRITON_DTYPE, check_pair, nchw_layout, sum_partials
 
-#: Tile of the two streaming passes: 16 channels x 128 pixels = 2048 elements over 8 warps
-#: (a 32 x 128 tile needed 143-194 registers per thread under ptxas: one block per SM).
-BLOCK_C = 16
-BLOCK_HW = 128
+#: Tile (channels, pixels) of the two streaming passes by layout: 2048 elements over 8 warps,
+#: longer along the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread
+#: under ptxas (one block per SM); 16 x 128 under channels_last spilled on sm80 for bf16.
+TILES = {False: (16, 128), True: (32, 64)}
 #: Stats pass: one program owns BLOCK_HW_STATS pixels and loops over all channels, so its
 #: per-pixel sums are complete without a second reduction.
 BLOCK_C_STATS = 32
@@ -226,12 +226,13 @@ class FGDFunction(torch.autograd.Function):
         pf = as_t * fg * (w_fg / n)
         pb = as_t * bg * (w_bg / n)
 
-        grid = (triton.cdiv(hw, BLOCK_HW), triton.cdiv(c, BLOCK_C), n)
+        block_c, block_hw = TILES[cl]
+        grid = (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n)
         parts = torch.empty(2, grid[0] * grid[1] * grid[2], dtype=torch.float32, device=dev)
         grad = torch.empty_like(s)
         _fgd_focal_kernel[grid](s, t, grad, f, pf, pb, (w_att * ga).contiguous(), ac_t.contiguous(),
                                 (w_att * gb).contiguous(), parts[0], parts[1], c, hw,
-                                BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW, CL=cl, num_warps=NUM_WARPS)
+                                BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
         l_fg, l_bg = sum_partials(parts[0]), sum_partials(parts[1])
 
         ctx.save_for_backward(s, t, grad, as_t, fg, bg, ga, ac_t, gb)
@@ -252,8 +253,9 @@ class FGDFunction(torch.autograd.Function):
         f = (2.0 / n) * as_t * (go[0] * w_fg * fg + go[1] * w_bg * bg)
         scale_att = go[2] * w_att
         c, hw = s.shape[1], s.shape[2] * s.shape[3]
+        block_c, block_hw = TILES[cl]
         _fgd_backward_kernel[grid](go, s, t, grad, f, scale_att * ga, ac_t, scale_att * gb, c, hw,
-                                   BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW, CL=cl, num_warps=NUM_WARPS)
+                                   BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
         # Teacher, masks, temp and weights get no gradient.
         return grad, None, None, None, None, None
 
@@ -298,7 +300,7 @@ def _specialisations() -> list:
             sig.update({k: "*fp32" for k in ("f_ptr", "pf_ptr", "pb_ptr", "ga_ptr", "act_ptr", "gb_ptr",
                                              "fg_part_ptr", "bg_part_ptr")})
             sig.update({"C": "i32", "HW": "i32", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
-            const = {"BLOCK_C": BLOCK_C, "BLOCK_HW": BLOCK_HW, "CL": cl}
+            const = {"BLOCK_C": TILES[cl][0], "BLOCK_HW": TILES[cl][1], "CL": cl}
             out.append(("_fgd_focal_kernel", sig, const, NUM_WARPS))
             sig = {"go_ptr": "*fp32", "s_ptr": ty, "t_ptr": ty, "g_ptr": ty}
             sig.update({k: "*fp32" for k in ("f_ptr", "ga_ptr", "act_ptr", "gb_ptr")})
