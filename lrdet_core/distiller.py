@@ -148,6 +148,7 @@ def _loss_name(loss: Any) -> str:
     return name.lower() if name.isidentifier() else "custom"
 
 
+_FGD_PRESET_OF = {"RetinaNet": "retinanet", "FCOS": "fcos", "GeneralizedRCNN": "rcnn"}
 _SINGLE = "teacher"  # the internal name of a lone teacher; its loss keys carry no teacher name
 
 
@@ -174,6 +175,8 @@ class BridgeDistiller(nn.Module):
         teacher_split_points: where to cut the teacher(s), when it differs from the student.
         loss: ``"mse"`` (paper default) | ``"l1"`` | ``"cwd"`` | ``"fgd"`` | an ``nn.Module`` | any callable
             ``(student_feats, teacher_feats, ctx) -> Tensor``. Each teacher gets its own instance.
+        loss_kwargs: constructor arguments of a named loss, e.g. ``{"reduction": "mean"}``. For ``"fgd"``
+            the preset defaults to the student's torchvision family (retinanet, fcos or rcnn).
         alpha: weight of the distillation term; ``None`` takes the recommended value of a named loss
             (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable.
         inherit: initialise the student from the (first) teacher where names and shapes match (Sec. 3.2).
@@ -211,7 +214,7 @@ class BridgeDistiller(nn.Module):
                  split_points: Optional[SplitPoints] = None, teacher_split_points: Optional[SplitPoints] = None,
                  loss: LossSpec = "mse", alpha: Optional[float] = None, inherit: bool = False, bridge: bool = True,
                  hr_source: str = "teacher", hr_scale: Optional[float] = None, bridge_rois: Optional[int] = None,
-                 check_finite: str = "raise"):
+                 check_finite: str = "raise", loss_kwargs: Optional[Mapping[str, Any]] = None):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise InputError(f"expected the student to be an nn.Module, but got {type(student).__name__}")
@@ -257,8 +260,14 @@ class BridgeDistiller(nn.Module):
         self.alpha = float(alpha)
         self.losses = nn.ModuleDict()
         self._callable_losses: Dict[str, Callable] = {}
+        loss_kwargs = dict(loss_kwargs or {})
+        if loss == "fgd" and "preset" not in loss_kwargs and torchvision_family(student):
+            # FGD's weights were tuned per detector family; pick the student's.
+            loss_kwargs["preset"] = _FGD_PRESET_OF[torchvision_family(student)]
+        if loss_kwargs and not isinstance(loss, str):
+            raise InputError(f"loss_kwargs are for a loss given by name, but the loss is a {type(loss).__name__}")
         for i, n in enumerate(teachers):
-            fn = build_loss(loss) if (isinstance(loss, str) or i == 0) else (
+            fn = build_loss(loss, **loss_kwargs) if (isinstance(loss, str) or i == 0) else (
                 copy.deepcopy(loss) if isinstance(loss, nn.Module) else loss)
             if isinstance(fn, nn.Module):
                 self.losses[n] = fn

@@ -382,3 +382,44 @@ def test_custom_model_with_explicit_hr_view_and_inplace_ops_after_the_split_poin
     assert all(torch.equal(r, g) for r, g in zip(recorded, genuine))  # the in-place ReLU did not reach them
     assert set(out) == {"lr/heat", "bridge/heat", "distill/mse"}
     assert isinstance(LRDetError(), Exception)
+
+
+# --- losses through the distiller (issue 3) ------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["mse", "l1", "cwd", "fgd"])
+def test_training_step_with_each_loss(loss):
+    from lrdet_core import RECOMMENDED_ALPHA
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    d = BridgeDistiller(student, teacher, loss=loss).train()
+    assert d.alpha == RECOMMENDED_ALPHA[loss]
+    if loss == "fgd":  # built at construction (the probe knows the channels): visible to the optimizer
+        assert d.losses["teacher"].preset == "retinanet"
+        fgd_params = list(d.losses.parameters())
+        assert fgd_params and {id(p) for p in fgd_params} <= {id(p) for p in d.parameters()}
+        assert any(k.startswith("losses.teacher.") for k in d.state_dict())
+    opt = torch.optim.SGD(d.parameters(), lr=1e-4)
+    out = d(*batch())
+    assert f"distill/{loss}" in out and out[f"distill/{loss}"] > 0
+    opt.zero_grad()
+    sum(out.values()).backward()
+    torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
+    opt.step()
+    assert all(torch.isfinite(v) for v in d(*batch(seed=1)).values())
+
+
+def test_unknown_loss_name_lists_the_valid_ones():
+    from lrdet_core import LossError
+    with pytest.raises(LossError, match="unknown loss 'msee'.*'mse', 'l1', 'cwd', 'fgd'"):
+        BridgeDistiller(retinanet(size=64), retinanet(size=128), loss="msee")
+
+
+def test_nonfinite_distillation_term_names_the_level():
+    from lrdet_core import NonFiniteError
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+
+    def loss(s, t, ctx):  # infinite only at stride 16
+        return sum((a - b).pow(2).sum() * (float("inf") if st == 16 else 1.0) for a, b, st in zip(s, t, ctx.strides))
+
+    with pytest.raises(NonFiniteError, match=r"'distill/loss' is inf; non-finite at level\(s\) 1 \(stride 16\)"):
+        BridgeDistiller(student, teacher, loss=loss).train()(*batch())
+    with pytest.warns(UserWarning, match="non-finite"):
+        BridgeDistiller(student, teacher, loss=loss, check_finite="warn").train()(*batch())

@@ -1,0 +1,200 @@
+"""Time one training step: plain LR, plain HR, LRDet, and the LRDet step's parts.
+
+    python benchmarks/bench_step.py                       # CPU defaults: 256 px LR, 512 px HR, batch 2
+    python benchmarks/bench_step.py --models retinanet --repeats 3 --out /tmp/step.json
+
+Every (model, mode) runs in its own process, so peak memory (CUDA: max allocated; CPU: peak RSS) is
+that mode's alone. A "step" is forward + backward (no optimizer update) for every mode.
+
+The LRDet step's inherent parts are timed separately in the LRDet process:
+teacher to its neck, the student's LR forward, the bridge forward, and the backward of the summed loss.
+``overhead = lrdet_step / sum(parts)``; the target is <= 1.05.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODES = ("lr", "hr", "lrdet")
+
+
+def build(model: str, size: int, channels: int):
+    from torchvision.models import resnet18
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+    rcnn = model == "faster_rcnn"
+    layers = (1, 2, 3, 4) if rcnn else (2, 3, 4)
+    extra = LastLevelMaxPool() if rcnn else LastLevelP6P7(channels, channels)
+    backbone = BackboneWithFPN(resnet18(weights=None), {f"layer{k}": str(i) for i, k in enumerate(layers)},
+                               [64 * 2 ** (k - 1) for k in layers], channels, extra_blocks=extra)
+    cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}[model]
+    return cls(backbone, 3, min_size=size, max_size=size)
+
+
+def make_batch(n: int, size: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        xy = torch.rand(4, 2, generator=g) * size * 0.6
+        wh = torch.rand(4, 2, generator=g) * size * 0.3 + 8
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, 3, (4,), generator=g).to(device)})
+    return images, targets
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, warmup: int, repeats: int) -> list:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_one(args) -> dict:
+    """One (model, mode) in this process."""
+    from lrdet_core import BridgeDistiller
+
+    torch.manual_seed(0)
+    dev = args.device
+    images, targets = make_batch(args.batch, args.raw, dev)
+    student = build(args.models[0], args.lr_size, args.channels).to(dev).train()
+    result = {}
+    if args.mode in ("lr", "hr"):
+        model = student if args.mode == "lr" else build(args.models[0], args.hr_size, args.channels).to(dev).train()
+
+        def step():
+            sum(model(images, targets).values()).backward()
+        result["step"] = timed(step, dev, args.warmup, args.repeats)
+    else:
+        teacher = build(args.models[0], args.hr_size, args.channels).to(dev)
+        d = BridgeDistiller(student, teacher).train()
+
+        def step():
+            sum(d(images, targets).values()).backward()
+        result["step"] = timed(step, dev, args.warmup, args.repeats)
+
+        # Parts, each timed on its own with the same inputs.
+        lr = d._student_pass(images, targets)
+        hr = d._teacher_pass("teacher", teacher, images, targets, None, None, lr)
+        result["teacher_to_neck"] = timed(lambda: d._teacher_pass("teacher", teacher, images, targets, None, None, lr),
+                                          dev, args.warmup, args.repeats)
+        result["student_lr_forward"] = timed(lambda: d._student_pass(images, targets), dev, args.warmup, args.repeats)
+        result["bridge_forward"] = timed(lambda: d._bridge_pass(images, targets, lr, hr), dev, args.warmup,
+                                         args.repeats)
+        result["distill_loss"] = timed(lambda: d._distill("teacher", d._bridge_pass(images, targets, lr, hr)[1], hr),
+                                       dev, args.warmup, args.repeats)
+        result["distill_loss"] = [a - b for a, b in zip(result["distill_loss"], result["bridge_forward"])]
+
+        def backward_only():
+            loss = sum(d(images, targets).values())
+            sync(dev)
+            t0 = time.perf_counter()
+            loss.backward()
+            sync(dev)
+            return time.perf_counter() - t0
+        for _ in range(args.warmup):
+            backward_only()
+        result["backward"] = [backward_only() for _ in range(args.repeats)]
+    peak = (torch.cuda.max_memory_allocated() if dev == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"times_s": result, "peak_bytes": peak}
+
+
+def meta(args) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    import torchvision
+    return {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "commit": commit,
+            "platform": platform.platform(), "config": {k: v for k, v in vars(args).items() if k != "mode"}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["retinanet", "fcos"], choices=["retinanet", "fcos", "faster_rcnn"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--raw", type=int, default=512, help="side of the generated raw images")
+    p.add_argument("--lr-size", type=int, default=256)
+    p.add_argument("--hr-size", type=int, default=512)
+    p.add_argument("--channels", type=int, default=256, help="FPN channels")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.json"))
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: one process per mode
+    args = p.parse_args()
+
+    if args.mode:
+        print(json.dumps(run_one(args)))
+        return
+    rows = {}
+    for model in args.models:
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--mode", mode, "--models", model] + [
+                a for k, v in vars(args).items() if k not in ("mode", "models", "out")
+                for a in (f"--{k.replace('_', '-')}", str(v))]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr)
+            rows.setdefault(model, {})[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{model:12s} {mode:6s} median step {statistics.median(rows[model][mode]['times_s']['step']):.3f} s",
+                  flush=True)
+    report = {"meta": meta(args), "results": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(markdown(report))
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(markdown(report) + "\n")
+
+
+def markdown(report: dict) -> str:
+    med = statistics.median
+    m = report["meta"]
+    lines = [f"Device: {m['device']} ({m['cpu_count']} cores, {m['threads']} threads), torch {m['torch']}, "
+             f"commit {m['commit']}; batch {m['config']['batch']}, LR {m['config']['lr_size']} px, "
+             f"HR {m['config']['hr_size']} px, FPN {m['config']['channels']} ch; median of {m['config']['repeats']}.",
+             "",
+             "| model | LR step (s) | HR step (s) | LRDet step (s) | teacher→neck | student LR fwd | bridge fwd | "
+             "distill loss | backward | LRDet / sum of parts | peak MB LR / HR / LRDet |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, r in report["results"].items():
+        t = r["lrdet"]["times_s"]
+        parts = ["teacher_to_neck", "student_lr_forward", "bridge_forward", "distill_loss", "backward"]
+        total = sum(med(t[k]) for k in parts)
+        lines.append(
+            f"| {model} | {med(r['lr']['times_s']['step']):.3f} | {med(r['hr']['times_s']['step']):.3f} | "
+            f"{med(t['step']):.3f} | " + " | ".join(f"{med(t[k]):.3f}" for k in parts) +
+            f" | {med(t['step']) / total:.3f} | " +
+            " / ".join(f"{r[k]['peak_bytes'] / 2**20:.0f}" for k in MODES) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
