@@ -392,11 +392,13 @@ def markdown(results: Dict, summary: Dict) -> str:
     return "\n".join(lines)
 
 
-def plot_ap(summary: Dict, path: Path, title: str) -> None:
+def plot_ap(results: Dict, path: Path, title: str) -> None:
+    """Bars: mean AP per method (error bar: std over seeds); dots: the individual seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = results["summary"]
     methods = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=False)
     for ax, split in zip(axes, ("val", "cross_site")):
@@ -404,6 +406,9 @@ def plot_ap(summary: Dict, path: Path, title: str) -> None:
         colors = ["#888888" if m == "hr_teacher" else "#4c72b0" if m in ("lr_baseline",) else "#dd8452"
                   for m in methods]
         ax.bar(range(len(methods)), [m for m, _ in ms], yerr=[s for _, s in ms], color=colors, capsize=4)
+        for i, m in enumerate(methods):
+            pts = [r[split]["AP"] for r in results["runs"][m].values()]
+            ax.plot([i] * len(pts), pts, "k.", ms=4, alpha=0.7)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels([LABELS.get(m, m).replace(" (", "\n(") for m in methods], rotation=35, ha="right",
                            fontsize=8)
@@ -422,7 +427,7 @@ def plot_features(models: Dict[str, tuple], tile: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.2 * (len(models) + 1), 3.4))
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.2 * (len(models) + 1), 3.9))
     axes[0].imshow(tile["image"].permute(1, 2, 0).numpy())
     for b in tile["boxes"].tolist():
         axes[0].add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="y", lw=0.8))
@@ -527,7 +532,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     md = markdown(results, results["summary"])
     (args.out / f"{name}.md").write_text(md + "\n")
     if not args.no_plots:
-        plot_ap(results["summary"], args.out / f"{name}_ap.png", f"LRDet on NEON tree crowns, LR {cfg['scale']}x "
+        plot_ap(results, args.out / f"{name}_ap.png", f"LRDet on NEON tree crowns, LR {cfg['scale']}x "
                 f"({preset}; mean ± std over {len(cfg['seeds'])} seeds)")
         models = {"HR teacher": (teacher, 1.0)}
         models.update({LABELS[k]: (v, cfg["scale"]) for k, v in keep.items()})
