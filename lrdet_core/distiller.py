@@ -156,6 +156,35 @@ def _who(tname: str) -> str:
     return "teacher" if tname == _SINGLE else f"teacher {tname!r}"
 
 
+def _check_boxes(targets: Any, where: str) -> None:
+    """Reject boxes that no detection loss can use, naming the image and the box.
+
+    torchvision checks only ``x2 > x1`` and ``y2 > y1`` and does so with ``torch._assert`` deep inside
+    its forward (an AssertionError after the LR pass); NaN boxes pass it and poison the losses.
+    Boxes partly or wholly outside the image are allowed: detectors and FGD's masks clip them.
+    """
+    if not isinstance(targets, (list, tuple)):
+        return  # a custom model's own target format
+    for i, t in enumerate(targets):
+        if not isinstance(t, Mapping):
+            raise InputError(f"expected {where}[{i}] to be a dict with 'boxes', but got {type(t).__name__}")
+        b = t.get("boxes")
+        if b is None:
+            continue
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:
+            got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise InputError(f"expected {where}[{i}]['boxes'] to be a (K, 4) tensor of x1, y1, x2, y2 "
+                             f"(K may be 0), but got {got}")
+        if not b.numel():
+            continue
+        bad = ~(torch.isfinite(b).all(dim=1) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            raise InputError(f"expected every box to be finite with x2 > x1 and y2 > y1, but {where}[{i}]['boxes'][{j}] "
+                             f"is {[round(float(v), 4) for v in b[j]]} ({int(bad.sum())} bad box(es) in image {i}); "
+                             f"drop or fix degenerate boxes before the step")
+
+
 def _copy_targets(targets: Optional[List[Dict[str, Tensor]]]) -> Optional[List[Dict[str, Tensor]]]:
     return None if targets is None else [dict(t) for t in targets]
 
@@ -275,6 +304,8 @@ class BridgeDistiller(nn.Module):
                 self._callable_losses[n] = fn
         self.projectors = nn.ModuleDict()  # 1x1 convs for levels whose channel counts differ
         self._reported: set = set()
+        self._materializing = False
+        self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
 
         self.inherit_report: Optional[InheritReport] = None
         if inherit:
@@ -334,6 +365,40 @@ class BridgeDistiller(nn.Module):
             t.requires_grad_(False)
         return self
 
+    def _projectors_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        # A custom model's projectors are created at its first step; a checkpoint loaded into a fresh
+        # distiller before that step must find them. Their shapes are in the checkpoint.
+        head = f"{prefix}projectors."
+        for key, w in state_dict.items():
+            name = key[len(head):-len(".weight")]
+            if key.startswith(head) and key.endswith(".weight") and "." not in name and name not in self.projectors:
+                p = next(self.student.parameters(), w)
+                self.projectors[name] = nn.Conv2d(w.shape[1], w.shape[0], 1, bias=f"{head}{name}.bias" in state_dict
+                                                  ).to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def materialize(self, images: Any, targets: List[Dict[str, Tensor]], *, hr_images: Any = None,
+                    hr_targets: Optional[List[Dict[str, Tensor]]] = None) -> "BridgeDistiller":
+        """Create the projectors and loss parameters now, from one batch, and change nothing else.
+
+        torchvision students get them at construction; a custom model's channel counts are known only
+        once it has run. Call this before building the optimizer and before wrapping the distiller in
+        ``DistributedDataParallel``, which synchronises only the parameters that exist when it is built.
+        It runs one training forward under ``no_grad`` and puts back the student's buffers (BatchNorm
+        statistics) and the CPU random state.
+        """
+        buffers = [(b, b.clone()) for b in self.student.buffers()]
+        was, self._materializing = self.training, True
+        try:
+            with torch.random.fork_rng(devices=[]):
+                self.train()(images, targets, hr_images=hr_images, hr_targets=hr_targets)
+        finally:
+            self._materializing = False
+            self.train(was)
+            for b, old in buffers:
+                b.copy_(old)
+        return self
+
     def student_state_dict(self) -> Dict[str, Tensor]:
         """The plain student's ``state_dict``, loadable into a fresh model of the student's class."""
         return self.student.state_dict()
@@ -360,6 +425,9 @@ class BridgeDistiller(nn.Module):
         if isinstance(images, (list, tuple)) and len(images) != len(targets):
             raise InputError(f"expected as many targets as images, but got {len(images)} images and "
                              f"{len(targets)} targets")
+        _check_boxes(targets, "targets")
+        if hr_targets is not None:
+            _check_boxes(hr_targets, "hr_targets")
         if (hr_images is None) != (hr_targets is None):
             raise InputError("expected hr_images and hr_targets together, but got only "
                              f"{'hr_images' if hr_targets is None else 'hr_targets'}")
@@ -617,11 +685,17 @@ class BridgeDistiller(nn.Module):
             loss.materialize([tv.shape[1] for *_, tv in pairs])
             loss.to(device=pairs[0][4].device)
             created = created or sum(1 for _ in loss.parameters()) != n_before
-        if created and self._constructed:
+        if created and self._constructed and not self._materializing:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # DistributedDataParallel would never average these gradients: the ranks drift apart silently.
+                raise InputError("distillation parameters (projectors or loss parameters) were created at the first "
+                                 "training step, after a process group was initialised; call "
+                                 "distiller.materialize(images, targets) before building the optimizer and wrapping "
+                                 "the distiller in DistributedDataParallel")
             warnings.warn("LRDet: distillation parameters (projectors or loss parameters) were created at the first "
-                          "training step. Build the optimizer after one step, or add them with "
-                          "optimizer.add_param_group({'params': distiller.projectors.parameters()}) "
-                          "and the loss's parameters", stacklevel=3)
+                          "training step. Call distiller.materialize(images, targets) before building the "
+                          "optimizer, or add them with optimizer.add_param_group({'params': "
+                          "distiller.projectors.parameters()}) and the loss's parameters", stacklevel=3)
 
     @torch.no_grad()
     def _probe_levels(self) -> None:
