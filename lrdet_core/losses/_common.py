@@ -106,14 +106,15 @@ _COMPILED: Dict[str, Callable] = {}
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn)``, built once per function for the whole process.
 
-    ``dynamic=False`` specialises on shapes: every new level shape (and every dtype or
-    reduction) compiles its own graph the first time it is seen. A detector pyramid is 5
-    shapes per canvas size; batches with varying canvas sizes keep recompiling until dynamo's
-    recompile limit (8 by default) is reached, after which that function runs eagerly.
+    Shapes are left to dynamo's automatic dynamic mode: the first level shape compiles a static
+    graph, the second a shape-generic one that serves every later level and canvas size. With
+    ``dynamic=False`` a pyramid of 5 levels in 2 dtypes already passed dynamo's recompile limit
+    (8), after which every call paid for a failed guard check and ran eagerly (measured: compiled
+    L1 3x slower than eager).
     """
     key = f"{fn.__module__}.{fn.__qualname__}"
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
+        _COMPILED[key] = torch.compile(fn, dynamic=None)
     return _COMPILED[key]
 
 
