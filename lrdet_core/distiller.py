@@ -588,7 +588,10 @@ class BridgeDistiller(nn.Module):
                 size = hr.get("backbone_sizes", {}).get(level_stride(lr_canvas, t.shape[-2:]))
                 if size is None:  # the teacher has no backbone level at this stride
                     size = (math.ceil(hr_canvas[0] / s_lr[0] - 1e-6), math.ceil(hr_canvas[1] / s_lr[1] - 1e-6))
-                out.append(resample_to_hr(t, lr_canvas, hr_canvas, size, lr["sizes"], hr["sizes"]))
+                r = resample_to_hr(t, lr_canvas, hr_canvas, size, lr["sizes"], hr["sizes"])
+                # Same geometry returns the recorded tensor itself: an in-place op in the neck would then
+                # rewrite it (and a tensor autograd saved in the LR pass). Hand out a copy, as that pass does.
+                out.append(r.clone() if r is t else r)
             return feats.rebuild(out)
 
         def on_neck(mod, inputs, output):
@@ -677,7 +680,11 @@ class BridgeDistiller(nn.Module):
         for s, sk, tk, sv, tv in pairs:
             key = f"{tname}_s{s}"
             if sv.shape[1] != tv.shape[1] and key not in self.projectors:
-                self.projectors[key] = nn.Conv2d(sv.shape[1], tv.shape[1], 1).to(device=sv.device, dtype=sv.dtype)
+                # The dtype of the student's weights, not of the features: under autocast these are bf16/fp16,
+                # and the optimizer must hold fp32 master weights.
+                w = next(self.student.parameters(), sv)
+                self.projectors[key] = nn.Conv2d(sv.shape[1], tv.shape[1], 1).to(
+                    device=sv.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
                 created = True
         loss = self.losses[tname] if tname in self.losses else None
         if loss is not None and hasattr(loss, "materialize"):
