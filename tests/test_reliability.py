@@ -1,0 +1,425 @@
+"""Reliability (issue 5): DDP, mixed precision, checkpoints, export, invariants, cleanup after errors, memory.
+
+Failures users report from distillation frameworks, each with a test that fails if it comes back.
+Already covered in test_distiller.py and not repeated here: teacher frozen and bit-identical under
+``train()``, in-place ReLU after a custom split point, unknown paths with close matches, ``state_dict``
+without the teacher, strict RetinaNet export, non-finite terms from the loss.
+"""
+import copy
+import gc
+import os
+import socket
+import subprocess
+import sys
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from _ddp_worker import BATCH, LR, STEPS, TINY_SPLIT, gn_tiny, make_distiller, part, step, tiny_batch
+from lrdet_core import BridgeDistiller, InputError, LRDetError, NonFiniteError
+from tiny import TinyDetector, batch, faster_rcnn, fcos, retinanet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread is several times faster than two on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _seeded(builder, seed=0, **kw):
+    torch.manual_seed(seed)
+    return builder(**kw)
+
+
+def _tiny_distiller(loss="mse", student=None, teacher=None, **kw):
+    torch.manual_seed(0)
+    student = student or TinyDetector()
+    teacher = teacher or TinyDetector(neck_channels=24)  # heterogeneous: 1x1 projectors
+    return BridgeDistiller(student, teacher, split_points=TINY_SPLIT, hr_scale=2.0, loss=loss, **kw)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- DistributedDataParallel ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    """Two gloo ranks on CPU, each on half of every batch; their saved gradients and parameters."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_ddp_worker.py"), str(out)],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the DDP ranks did not finish in 240 s")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_ddp_without_find_unused_parameters_equals_the_average_of_per_half_steps(ddp_ranks):
+    # Without find_unused_parameters, DDP raises at the second step if any parameter got no gradient
+    # in the first; the worker runs two steps, and also records parameters left without a gradient.
+    r0, r1 = ddp_ranks
+    assert r0["missing"] == r1["missing"] == [[]] * STEPS
+    names = set(r0["params"])
+    assert any(n.startswith("projectors.") for n in names) and any(".gc_student." in n for n in names)
+    # GcBlocks end in a zero-initialised conv: their inner weights get non-zero gradients from step 2 on,
+    # which is what makes the comparison below meaningful for them.
+    assert all(g.abs().sum() > 0 for n, g in r0["grads"][-1].items() if n.endswith(".weight"))
+
+    # What DDP computes, exactly: each rank differentiates its loss on half the batch and the gradients
+    # are averaged. Reproduced here in one process by running each half and averaging.
+    d = make_distiller().train()
+    opt = torch.optim.SGD(d.parameters(), lr=LR)
+    ref_grads = []
+    for s in range(STEPS):
+        acc = {}
+        for r in range(2):
+            opt.zero_grad(set_to_none=True)
+            step(d, part(tiny_batch(s), slice(r * BATCH // 2, (r + 1) * BATCH // 2)))
+            for n, p in d.named_parameters():
+                acc[n] = acc.get(n, 0) + p.grad / 2
+        for n, p in d.named_parameters():
+            p.grad = acc[n]
+        ref_grads.append(acc)
+        opt.step()
+    for s in range(STEPS):
+        assert set(r0["grads"][s]) == set(r1["grads"][s]) == names
+        for n in names:
+            torch.testing.assert_close(r0["grads"][s][n], r1["grads"][s][n], rtol=0, atol=0, msg=n)  # all-reduced
+            torch.testing.assert_close(r0["grads"][s][n], ref_grads[s][n], rtol=1e-4, atol=1e-8, msg=n)
+    for n, p in d.named_parameters():
+        torch.testing.assert_close(r0["params"][n], p.detach(), rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(r1["params"][n], p.detach(), rtol=0, atol=0, msg=n)
+
+
+def test_per_half_average_against_the_whole_batch():
+    # The concatenated-batch relation behind the DDP check. Terms that are means over the images (the
+    # detection losses, FGD, CWD) give the whole-batch gradient; a SUM over the batch (MSE and L1 with
+    # the default reduction="sum") gives half of it: with R ranks, DDP's step on a batch of N equals a
+    # single-process step on all N images with alpha / R. GroupNorm, not BatchNorm: batch statistics of a
+    # half differ from those of the whole batch, so with BN neither relation holds.
+    for loss, distill_scale in (("fgd", 1.0), ("mse", 0.5)):
+        d = make_distiller(loss).train()
+        full = tiny_batch(0)
+        halves = {}
+        for r in range(2):
+            d.zero_grad(set_to_none=True)
+            step(d, part(full, slice(2 * r, 2 * r + 2)))
+            for n, p in d.named_parameters():
+                halves[n] = halves.get(n, 0) + p.grad / 2
+        d.zero_grad(set_to_none=True)
+        images, targets, hr, hr_targets = full
+        out = d(images, targets, hr_images=hr, hr_targets=hr_targets)
+        sum(v * (distill_scale if k.startswith("distill/") else 1.0) for k, v in out.items()).backward()
+        for n, p in d.named_parameters():
+            torch.testing.assert_close(p.grad, halves[n], rtol=1e-4, atol=1e-6, msg=f"{loss}: {n}")
+
+
+def test_parameters_created_after_a_process_group_is_up_raise_instead_of_desyncing():
+    # DDP synchronises only the parameters it was built with; a projector created inside its forward
+    # would train separately on every rank. materialize() before wrapping is the documented way.
+    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, hr_scale=2.0).train()
+    images, targets, _, _ = tiny_batch(0, n=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.distributed, "is_initialized", lambda: True)
+        with pytest.raises(InputError, match=r"call distiller.materialize\(images, targets\) before"):
+            d(images, targets)
+        assert len(d.projectors) == 3  # created, then refused: a retry (after materialize) proceeds
+        d.materialize(images, targets)
+        assert torch.isfinite(sum(d(images, targets).values()))
+
+
+def test_sync_batchnorm_student(ddp_ranks):
+    # SyncBatchNorm is a _BatchNorm: the bridge freezes and restores its running statistics like BN's.
+    # Out of a process group it falls back to BatchNorm; the bridge must leave the statistics as a
+    # plain forward does.
+    torch.manual_seed(0)
+    plain = TinyDetector()
+    student = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    images, targets, _, _ = tiny_batch(5, n=2)
+    out = BridgeDistiller(student, TinyDetector(), split_points=TINY_SPLIT, hr_scale=2.0).train()(images, targets)
+    assert torch.isfinite(sum(out.values()))
+    plain.train()(images, targets)
+    sync = {k: v for k, v in student.state_dict().items() if "running" in k or "num_batches" in k}
+    assert sync and all(torch.equal(v, plain.state_dict()[k]) for k, v in sync.items())
+    assert all(m.track_running_stats for m in student.modules() if isinstance(m, nn.SyncBatchNorm))
+    # In a 2-rank gloo group, torch's SyncBatchNorm itself refuses CPU tensors in training mode (it syncs
+    # only on GPU-like devices), in the student's own LR pass; the distiller adds nothing to that error
+    # and still puts every BN flag back and removes its hooks.
+    for r in ddp_ranks:
+        assert r["sync_bn"] == "ok" or r["sync_bn"].startswith("ValueError: SyncBatchNorm expected input tensor "
+                                                                "to be on GPU"), r["sync_bn"]
+        assert r["sync_bn_restored"] and r["sync_bn_hooks"] == 0
+
+
+# --- mixed precision -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["mse", "l1", "cwd", "fgd"])
+def test_bf16_autocast_step_matches_fp32(loss):
+    # The student, projectors, GcBlocks and teacher run in bf16 under autocast while their weights
+    # stay fp32; every loss term comes out fp32. bf16 keeps 8 significant bits, so the terms are
+    # compared with rtol 5e-2 (fp32 vs bf16 features through ~6 layers).
+    # The projectors and GcBlocks are created inside the autocast region, at the first step: they must
+    # still be fp32 (master weights for the optimizer), not the bf16 of the features they were sized from.
+    images, targets, _, _ = tiny_batch(0, n=2)
+    results = {}
+    for amp in (False, True):
+        d = _tiny_distiller(loss).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "created at the first training step"
+            out = d(images, targets)
+        assert len(d.projectors) == 3
+        assert all(v.dtype == torch.float32 for v in out.values()), {k: v.dtype for k, v in out.items()}
+        sum(out.values()).backward()
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+                   and bool(torch.isfinite(p.grad).all()) for p in d.parameters())
+        torch.optim.SGD(d.parameters(), lr=0.01).step()
+        results[amp] = {k: v.detach() for k, v in out.items()}
+    assert set(results[True]) == set(results[False])
+    for k in results[False]:
+        torch.testing.assert_close(results[True][k], results[False][k], rtol=5e-2, atol=1e-3, msg=k)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+def test_checkpoint_resume_gives_the_identical_next_step(tmp_path):
+    images, targets, _, _ = tiny_batch(0, n=2)
+
+    def run(d, opt, seed):
+        torch.manual_seed(seed)  # every RNG a model might draw from, fixed before the step
+        opt.zero_grad(set_to_none=True)
+        out = d(*tiny_batch(seed, n=2)[:2])
+        sum(out.values()).backward()
+        opt.step()
+        return {k: v.detach() for k, v in out.items()}
+
+    d = _tiny_distiller("fgd").materialize(images, targets).train()
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3)  # Adam: per-parameter state that must resume too
+    for s in range(2):
+        run(d, opt, s)
+    torch.save({"distiller": d.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    expected = run(d, opt, 2)
+    after = {k: v.clone() for k, v in d.state_dict().items()}
+
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    assert not any("teacher" in k and not k.startswith(("losses.teacher.", "projectors.teacher_"))
+                   for k in ckpt["distiller"])
+    assert set(ckpt["distiller"]) == {f"student.{k}" for k in d.student.state_dict()} | {
+        f"losses.{k}" for k in d.losses.state_dict()} | {f"projectors.{k}" for k in d.projectors.state_dict()}
+    # A new process: fresh student (other init), the teacher re-attached, nothing run before loading.
+    torch.manual_seed(123)
+    teacher = TinyDetector(neck_channels=24)
+    teacher.load_state_dict(d.teacher.state_dict())
+    d2 = BridgeDistiller(TinyDetector(), teacher, split_points=TINY_SPLIT, hr_scale=2.0, loss="fgd").train()
+    d2.load_state_dict(ckpt["distiller"])  # builds the projectors and FGD's GcBlocks from the checkpoint
+    opt2 = torch.optim.Adam(d2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt["optimizer"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is created at this first step
+        got = run(d2, opt2, 2)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert all(torch.equal(v, after[k]) for k, v in d2.state_dict().items())
+
+
+def test_materialize_changes_nothing_but_the_new_parameters():
+    d = _tiny_distiller("fgd")
+    before = copy.deepcopy(d.student.state_dict())
+    rng = torch.get_rng_state()
+    d.eval().materialize(*tiny_batch(0, n=2)[:2])
+    assert not d.training and len(d.projectors) == 3 and d.losses["teacher"].channels == (24, 24, 24)
+    assert all(torch.equal(v, before[k]) for k, v in d.student.state_dict().items())  # BN stats put back
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# --- export ------------------------------------------------------------------------------------------------
+def test_trained_fcos_student_exports_to_a_fresh_torchvision_model():
+    student, teacher = _seeded(fcos, size=64), _seeded(fcos, seed=1, size=96, channels=64)  # projectors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = BridgeDistiller(student, teacher).train()
+    images, targets = batch(sizes=((64, 80), (80, 64)))
+    opt = torch.optim.SGD(d.parameters(), lr=0.01)
+    sum(d(images, targets).values()).backward()
+    opt.step()
+    fresh = fcos(size=64)
+    fresh.load_state_dict(d.student_state_dict(), strict=True)
+    a, b = fresh.eval()(images), d.eval()(images)
+    assert len(a) == len(b) == 2
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("boxes", "scores", "labels"))
+
+
+# --- invariants ---------------------------------------------------------------------------------------------
+def test_teacher_survives_train_to_float_and_requires_grad_on_the_whole_distiller():
+    d = _tiny_distiller("fgd")
+    teacher = d.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN buffers included
+    images, targets, _, _ = tiny_batch(0, n=2)
+    d.materialize(images, targets)
+    opt = torch.optim.SGD(d.parameters(), lr=0.1, momentum=0.9)
+    for i, touch in enumerate([lambda m: m.train(), lambda m: m.to("cpu"), lambda m: m.float(),
+                               lambda m: m.requires_grad_(True), lambda m: m.train(True).to(torch.float32)]):
+        touch(d)
+        assert not teacher.training and not any(m.training for m in teacher.modules())
+        assert not any(p.requires_grad for p in teacher.parameters())
+        opt.zero_grad()
+        sum(d.train()(*tiny_batch(i, n=2)[:2]).values()).backward()
+        opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in d.parameters()}
+
+
+def _hooks(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks}
+
+
+def _tree(model):
+    return [(n, id(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("where", ["lr", "teacher", "bridge"])
+def test_everything_is_put_back_when_the_forward_raises(where):
+    d = _tiny_distiller("mse")
+    student, teacher = d.student, d.teacher
+    images, targets, _, _ = tiny_batch(0, n=2)
+    d.materialize(images, targets).train()
+    tree, t_tree = _tree(student), _tree(teacher)
+    body = student.backbone
+    calls = []
+
+    def boom(m, inputs, output):
+        calls.append(1)
+        # the head runs once per level: calls 1-3 are the LR pass, 4-6 the bridge pass
+        if where == "teacher" or (where == "lr") == (len(calls) <= 3):
+            raise RuntimeError("injected")
+
+    handle = (teacher.neck if where == "teacher" else student.head).register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        d(images, targets)
+    handle.remove()
+    assert _hooks(student) == {} and _hooks(teacher) == {}
+    assert _tree(student) == tree and _tree(teacher) == t_tree and student.backbone is body
+    assert all(m.track_running_stats for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.is_grad_enabled()
+    # A plain call behaves exactly like a fresh model with the same state.
+    fresh = TinyDetector()
+    fresh.load_state_dict(student.state_dict())
+    torch.testing.assert_close(student(images, targets)["heat"], fresh(images, targets)["heat"], rtol=0, atol=0)
+
+
+def test_torchvision_modules_and_roi_sampler_are_put_back_when_the_bridge_raises():
+    student, teacher = _seeded(faster_rcnn, size=64), _seeded(faster_rcnn, seed=1, size=96)
+    d = BridgeDistiller(student, teacher, bridge_rois=16).train()
+    body, transform, tree = student.backbone.body, student.transform, _tree(student)
+    seen = []
+
+    def boom(m, args):
+        seen.append(m.fg_bg_sampler.batch_size_per_image)
+        if len(seen) == 2:  # the bridge pass, with the sampler knob set to 16
+            raise RuntimeError("injected")
+
+    handle = student.roi_heads.register_forward_pre_hook(boom)
+    images, targets = batch(sizes=((64, 64), (64, 64)))
+    with pytest.raises(RuntimeError, match="injected"):
+        d(images, targets)
+    handle.remove()
+    assert seen == [512, 16] and student.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert student.backbone.body is body and student.transform is transform and _tree(student) == tree
+    assert _hooks(student) == {} and _hooks(teacher) == {}
+    assert all(m.track_running_stats for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    assert set(student(images, targets)) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+
+
+def test_inplace_relu_after_a_torchvision_split_point():
+    # torchvision's FPN reads the body's outputs directly; an in-place op there (a user's subclass or a
+    # hook) would otherwise rewrite the LR features the bridge replays.
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=64)
+    d = BridgeDistiller(student, teacher).train()
+    images, targets = batch(sizes=((64, 64), (64, 64)))
+    expected = d(images, targets)
+    student.backbone.fpn.register_forward_pre_hook(lambda m, args: [x.mul_(0.5) for x in args[0].values()] and None)
+    # Same geometry: the bridge replays the recorded features unchanged, so bridge losses must equal
+    # a plain student forward with the same hook, not a doubly-halved one.
+    got = d(images, targets)
+    sum(got.values()).backward()  # autograd saved the recorded features in the LR pass: intact
+    plain = student(images, targets)
+    for k in plain:
+        torch.testing.assert_close(got[f"bridge/{k}"], plain[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["bridge/classification"], expected["bridge/classification"])
+
+
+def test_no_memory_growth_over_200_steps():
+    d = _tiny_distiller("fgd")
+    images = torch.rand(2, 3, 16, 16)
+    targets = [{"boxes": torch.tensor([[2.0, 3.0, 12.0, 14.0]])}] * 2
+    d.materialize(images, targets).train()
+    opt = torch.optim.SGD(d.parameters(), lr=1e-3)
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() touches deprecated module attributes
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    def train_step():
+        opt.zero_grad()
+        x = images.clone()
+        out = d(x, targets)
+        sum(out.values()).backward()
+        opt.step()
+        return weakref.ref(x), weakref.ref(out["distill/fgd"])
+
+    for _ in range(5):
+        train_step()
+    base = live_tensors()
+    refs = [train_step() for _ in range(200)]
+    # Nothing the step touched outlives it: inputs, losses (and with them the graphs and features).
+    assert all(r() is None for pair in refs for r in pair)
+    assert live_tensors() <= base
+    assert _hooks(d.student) == {} and _hooks(d.teacher) == {}
+    # Besides parameters and buffers, no tensor is reachable from the distiller's attributes.
+    def tensors_in(x, depth=0):
+        if isinstance(x, torch.Tensor):
+            return 1
+        if depth > 4 or isinstance(x, nn.Module):
+            return 0
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple, set)) else ()
+        return sum(tensors_in(v, depth + 1) for v in items)
+
+    held = {k: tensors_in(v) for k, v in vars(d).items() if k not in ("_parameters", "_buffers", "_modules")}
+    assert sum(held.values()) == 0, held
+
+
+def test_nonfinite_teacher_features_name_the_term_and_level():
+    d = _tiny_distiller("mse").train()
+    images, targets, _, _ = tiny_batch(0, n=2)
+    d.materialize(images, targets)
+
+    def poison(m, inputs, output):
+        output["p1"] = output["p1"] * float("nan")
+        return output
+
+    d.teacher.neck.register_forward_hook(poison)
+    with pytest.raises(NonFiniteError, match=r"'distill/mse' is nan; non-finite at level\(s\) p1 \(stride 8\)"):
+        d(images, targets)
+    assert issubclass(NonFiniteError, LRDetError)
+    d.check_finite = "off"  # off: the caller's own check sees the NaN; nothing is hidden
+    assert torch.isnan(d(images, targets)["distill/mse"])
