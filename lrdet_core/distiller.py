@@ -180,8 +180,8 @@ def _check_boxes(targets: Any, where: str) -> None:
         bad = ~(torch.isfinite(b).all(dim=1) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
         if bool(bad.any()):
             j = int(bad.nonzero()[0, 0])
-            raise InputError(f"expected every box to be finite with x2 > x1 and y2 > y1, but {where}[{i}]['boxes'][{j}] "
-                             f"is {[round(float(v), 4) for v in b[j]]} ({int(bad.sum())} bad box(es) in image {i}); "
+            raise InputError(f"expected every box to be finite with x2 > x1 and y2 > y1, but "
+                             f"{where}[{i}]['boxes'][{j}] is {[round(float(v), 4) for v in b[j]]} ({int(bad.sum())} bad box(es) in image {i}); "
                              f"drop or fix degenerate boxes before the step")
 
 
