@@ -181,8 +181,8 @@ def _check_boxes(targets: Any, where: str) -> None:
         if bool(bad.any()):
             j = int(bad.nonzero()[0, 0])
             raise InputError(f"expected every box to be finite with x2 > x1 and y2 > y1, but "
-                             f"{where}[{i}]['boxes'][{j}] is {[round(float(v), 4) for v in b[j]]} ({int(bad.sum())} bad box(es) in image {i}); "
-                             f"drop or fix degenerate boxes before the step")
+                             f"{where}[{i}]['boxes'][{j}] is {[round(float(v), 4) for v in b[j]]} "
+                             f"({int(bad.sum())} bad box(es) in image {i}); drop or fix degenerate boxes before the step")
 
 
 def _copy_targets(targets: Optional[List[Dict[str, Tensor]]]) -> Optional[List[Dict[str, Tensor]]]:
