@@ -182,7 +182,7 @@ def _check_boxes(targets: Any, where: str) -> None:
             j = int(bad.nonzero()[0, 0])
             raise InputError(f"expected every box to be finite with x2 > x1 and y2 > y1, but "
                              f"{where}[{i}]['boxes'][{j}] is {[round(float(v), 4) for v in b[j]]} "
-                             f"({int(bad.sum())} bad box(es) in image {i}); drop or fix degenerate boxes before the step")
+                             f"({int(bad.sum())} bad box(es) in image {i}); drop or fix degenerate boxes")
 
 
 def _copy_targets(targets: Optional[List[Dict[str, Tensor]]]) -> Optional[List[Dict[str, Tensor]]]:
