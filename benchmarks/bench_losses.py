@@ -261,7 +261,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default=None, help="file name stem of the results (default: bench_<device type>)")
     p.add_argument("--plot", action="store_true", help="also save a matplotlib bar chart")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's). On a shared CPU use 1: OpenMP workers that wait for a "
+                        "busy core made the same call 1.5-40x slower in our runs")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -146,8 +146,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.json"))
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default); use 1 on a shared CPU")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: one process per mode
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.mode:
         print(json.dumps(run_one(args)))
