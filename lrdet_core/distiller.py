@@ -148,6 +148,10 @@ def _loss_name(loss: Any) -> str:
     return name.lower() if name.isidentifier() else "custom"
 
 
+#: At the first step with a default ``alpha``, warn when ``alpha * L_FD / L_det(LR)`` is above this or below its
+#: inverse.
+BALANCE_WARN = 100.0
+
 _FGD_PRESET_OF = {"RetinaNet": "retinanet", "FCOS": "fcos", "GeneralizedRCNN": "rcnn"}
 _SINGLE = "teacher"  # the internal name of a lone teacher; its loss keys carry no teacher name
 
@@ -207,7 +211,10 @@ class BridgeDistiller(nn.Module):
         loss_kwargs: constructor arguments of a named loss, e.g. ``{"reduction": "mean"}``. For ``"fgd"``
             the preset defaults to the student's torchvision family (retinanet, fcos or rcnn).
         alpha: weight of the distillation term; ``None`` takes the recommended value of a named loss
-            (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable.
+            (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable. With the
+            default, the first step warns if ``alpha * L_FD`` is over 100x (or under 1/100) the LR
+            detection loss and suggests the alpha that balances them: summed losses scale with the
+            model's feature size and magnitude.
         inherit: initialise the student from the (first) teacher where names and shapes match (Sec. 3.2).
         bridge: ``False`` gives the conventional "upsample" distillation of Table 1 instead: the LR neck
             outputs are resampled to the teacher's sizes and distilled directly, with no bridge branch.
@@ -284,6 +291,7 @@ class BridgeDistiller(nn.Module):
         object.__setattr__(self, "_teachers", teachers)
 
         self.loss_name = _loss_name(loss)
+        alpha_given = alpha is not None  # a user-chosen alpha is not second-guessed
         if alpha is None:
             alpha = RECOMMENDED_ALPHA.get(loss, 1.0) if isinstance(loss, str) else 1.0
         self.alpha = float(alpha)
@@ -304,6 +312,7 @@ class BridgeDistiller(nn.Module):
                 self._callable_losses[n] = fn
         self.projectors = nn.ModuleDict()  # 1x1 convs for levels whose channel counts differ
         self._reported: set = set()
+        self._balance_checked = alpha_given
         self._materializing = False
         self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
 
@@ -446,7 +455,29 @@ class BridgeDistiller(nn.Module):
             else:
                 s_feats = self._upsampled_lr_neck(lr, hr)
             out[self._key("distill", tname, self.loss_name)] = self.alpha * self._distill(tname, s_feats, hr)
+        if not self._balance_checked:
+            self._balance_checked = True
+            self._check_balance(out)
         return out
+
+    @torch.no_grad()
+    def _check_balance(self, out: Mapping[str, Tensor]) -> None:
+        """Warn once, at the first step, when ``alpha * L_FD`` dwarfs or vanishes against ``L_det(LR)``.
+
+        Summed MSE grows with the number of feature elements and their scale, so the paper's
+        ``alpha = 0.005`` (ResNet-50 FPN on COCO) can be 10^4 times too large for another model.
+        """
+        det = sum(v.detach().item() for k, v in out.items() if k.startswith("lr/"))
+        for k, v in out.items():
+            if not k.startswith("distill") or det <= 0:
+                continue
+            v = v.detach().item()
+            ratio = v / det
+            if ratio > BALANCE_WARN or 0 < ratio < 1 / BALANCE_WARN:
+                warnings.warn(f"LRDet: at the first step {k} = {v:.4g} is {ratio:.3g} times the LR detection "
+                              f"loss ({det:.4g}) with alpha={self.alpha:g}. alpha={self.alpha / ratio:.3g} would make "
+                              f"them equal; a distillation term within ~0.1-10x of the detection loss is the usual "
+                              f"regime. Set alpha explicitly to silence this.", stacklevel=3)
 
     # ---------------------------------------------------------------------------------------------
     def _student_pass(self, images: Any, targets: List[Dict[str, Tensor]]) -> Dict[str, Any]:

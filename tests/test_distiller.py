@@ -257,7 +257,7 @@ def test_heterogeneous_teacher_matches_by_stride_and_projects_channels():
         return sum(((a - b) ** 2).sum() for a, b in zip(s, t))
 
     with pytest.warns(UserWarning, match=r"levels with stride \[4, 128\] have no partner"):
-        d = BridgeDistiller(student, teacher, loss=recording_loss)
+        d = BridgeDistiller(student, teacher, loss=recording_loss, alpha=1.0)
     assert sorted(d.projectors) == ["teacher_s16", "teacher_s32", "teacher_s64", "teacher_s8"]
     assert d.projectors["teacher_s8"].weight.shape == (48, 32, 1, 1)
     proj = {id(p) for p in d.projectors.parameters()}
@@ -423,3 +423,17 @@ def test_nonfinite_distillation_term_names_the_level():
         BridgeDistiller(student, teacher, loss=loss).train()(*batch())
     with pytest.warns(UserWarning, match="non-finite"):
         BridgeDistiller(student, teacher, loss=loss, check_finite="warn").train()(*batch())
+
+
+def test_default_alpha_warns_once_when_distillation_dwarfs_detection():
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    d = BridgeDistiller(student, teacher).train()  # untrained nets: 0.005 * MSE_sum is ~1e4 x L_det
+    with pytest.warns(UserWarning, match=r"distill/mse = .* times the LR detection loss .* alpha=0.005\. alpha=.* "
+                                         r"would make them equal"):
+        out = d(*batch())
+    ratio = out["distill/mse"].item() / sum(v.item() for k, v in out.items() if k.startswith("lr/"))
+    assert ratio > 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d(*batch(seed=1))  # once only
+        BridgeDistiller(student, teacher, alpha=0.005).train()(*batch())  # an explicit alpha is trusted
