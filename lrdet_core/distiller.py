@@ -512,11 +512,7 @@ class BridgeDistiller(nn.Module):
         if not isinstance(losses, Mapping):
             raise InputError(f"expected the student to return a dict of losses in training mode, "
                              f"but it returned {type(losses).__name__}")
-        n = rec["backbone"].tensors[0].shape[0]
-        if self.torchvision:
-            rec["sizes"] = [tuple(int(v) for v in s) for s in rec["image_list"].image_sizes]
-        else:
-            rec["sizes"] = [rec["canvas"]] * n
+        rec["sizes"] = self._content_sizes(rec, rec["backbone"].tensors[0].shape[0])
         rec["losses"] = losses
         return rec
 
@@ -570,12 +566,16 @@ class BridgeDistiller(nn.Module):
         if n_lr != n_hr:
             raise InputError(f"expected the HR view to hold the same {n_lr} images as the LR batch, "
                              f"but the {who} saw {n_hr}")
-        if self.torchvision:
-            rec["sizes"] = [tuple(int(v) for v in s) for s in rec["image_list"].image_sizes]
-        else:
-            rec["sizes"] = [rec["canvas"]] * n_hr
+        rec["sizes"] = self._content_sizes(rec, n_hr)
         rec["hr_inputs"], rec["who"] = call_args, who
         return rec
+
+    def _content_sizes(self, rec: Dict[str, Any], n: int) -> List[Tuple[int, int]]:
+        """Each image's content size before padding: torchvision's transform says; a custom model's
+        images fill the whole canvas its backbone received."""
+        if self.torchvision:
+            return [tuple(int(v) for v in s) for s in rec["image_list"].image_sizes]
+        return [rec["canvas"]] * n
 
     def _scaled_view(self, images: Any, targets: List[Dict[str, Tensor]]) -> Tuple[Any, List[Dict[str, Tensor]]]:
         """The documented default HR view of a custom model: resize by ``hr_scale``, scale ``boxes``."""
