@@ -74,8 +74,43 @@ def test_reproduce_deepforest_quick(deepforest_data, tmp_path):
             assert 0.0 <= r["val"]["AP"] <= 1.0
     for log in res["loss_logs"].values():
         assert all(math.isfinite(v) for entry in log for v in entry.values())
-    for suffix in (".md", "_ap.png", "_features.png"):
+    for suffix in (".md", "_ap.png", "_features.png", "_detections.png"):
         assert (tmp_path / f"deepforest_quick{suffix}").is_file()
+
+    # --jobs trains the runs in worker processes; every run seeds itself, so the numbers must not move
+    par = tmp_path / "jobs2"
+    _run("reproduce_deepforest.py", "--quick", "--out", str(par), "--threads", "1", "--jobs", "2", "--no-plots")
+    res2 = json.loads((par / "deepforest_quick.json").read_text())
+    assert res2["runs"] == res["runs"]
+    assert res2["loss_logs"] == res["loss_logs"]
+    assert list(res2["runs"]) == list(res["runs"])  # same table order, whichever process finished first
+
+
+def test_detection_matching():
+    """The detections figure's TP/FP/miss colouring: greedy in score order at IoU >= 0.5, one
+    prediction per crown, as in COCO's evaluation."""
+    import torch
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import reproduce_deepforest as rd
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]])
+    pred = torch.tensor([[0.0, 0, 10, 10],      # crown 0
+                         [1.0, 1, 10, 10],      # crown 0 again: a duplicate is a false positive
+                         [20, 20, 30, 31],      # crown 1 (IoU 10/11)
+                         [80, 80, 90, 90]])     # nothing there
+    tp, found = rd.match(pred, gt)
+    assert tp.tolist() == [True, False, True, False]
+    assert found.tolist() == [True, True, False]
+    tp, found = rd.match(pred[:0], gt)
+    assert tp.numel() == 0 and not found.any()
+    # the threshold with the best F1: scores that put the two correct boxes above the two false ones
+    tiles = [{"boxes": gt}]
+    preds = [{"boxes": pred[[0, 2, 1, 3]], "scores": torch.tensor([0.9, 0.8, 0.3, 0.2])}]
+    thr, f1 = rd.best_threshold(tiles, preds)
+    assert 0.3 < thr <= 0.8 and f1 == pytest.approx(2 * 2 / (2 * 2 + 0 + 1))
 
 
 @pytest.mark.slow
