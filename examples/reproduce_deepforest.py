@@ -462,6 +462,13 @@ def plot_ap(results: Dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _box_patch(box: Sequence[float], **style):
+    """An unfilled matplotlib rectangle for an (x1, y1, x2, y2) box."""
+    import matplotlib.pyplot as plt
+
+    return plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, **style)
+
+
 @torch.no_grad()
 def plot_features(models: Dict[str, tuple], tile: Dict, path: Path) -> None:
     """Mean |activation| of the FPN outputs (P3) of each model on one held-out tile (cf. paper Fig. 2)."""
@@ -472,7 +479,7 @@ def plot_features(models: Dict[str, tuple], tile: Dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.2 * (len(models) + 1), 3.9))
     axes[0].imshow(tile["image"].permute(1, 2, 0).numpy())
     for b in tile["boxes"].tolist():
-        axes[0].add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="y", lw=0.8))
+        axes[0].add_patch(_box_patch(b, color="y", lw=0.8))
     axes[0].set_title("held-out tile (HR)", fontsize=9)
     for ax, (name, (model, scale)) in zip(axes[1:], models.items()):
         model.eval()
@@ -543,11 +550,9 @@ def plot_detections(models: Dict[str, tuple], tiles: List[Dict], index: int, pat
         img = tile["image"] if scale == 1.0 else dfd.downsample(tile["image"], tile["boxes"], scale)[0]
         ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), extent=(0, 256, 256, 0))  # drawn in native px
         for b in tile["boxes"][~found].tolist():
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="yellow", lw=1.2,
-                                       ls="--"))
+            ax.add_patch(_box_patch(b, color="yellow", lw=1.2, ls="--"))
         for b, ok in zip(boxes.tolist(), hit.tolist()):
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
-                                       color="lime" if ok else "red", lw=1.0))
+            ax.add_patch(_box_patch(b, color="lime" if ok else "red", lw=1.0))
         ax.set_title(f"{name} (input {round(256 * scale)} px)\nthr {thr:.2f} (F1 {f1:.2f} on all held-out tiles)\n"
                      f"this tile: {int(hit.sum())} correct, {int((~hit).sum())} false, {int((~found).sum())} missed",
                      fontsize=8)
@@ -634,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
         order = sorted(jobs, key=lambda j: -_COST.get(j[0], 3.5))  # longest first
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-        with ctx.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=None,
+        with ctx.Pool(args.jobs, initializer=_init_worker,
                       initargs=(args.cache, preset == "quick", teacher.state_dict(), args.threads)) as pool:
             pending = [pool.apply_async(run_and_evaluate, (m, s, cfg_run, (m, s) in keep_jobs)) for m, s in order]
             bar = tqdm(total=len(pending), desc=f"runs ({args.jobs} processes)", dynamic_ncols=True)

@@ -62,10 +62,9 @@ def cwd(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto
         s, t = triton_inputs(student, teacher)
         return load_kernel("cwd", "cwd_triton")([s], [t], tau)
     dtype = acc_dtype(student, teacher)
-    if backend == "torch":
-        with no_autocast(student):
-            return _cwd_eager(student, teacher, tau, dtype)
     with no_autocast(student):
+        if backend == "torch":
+            return _cwd_eager(student, teacher, tau, dtype)
         # Upcast before the compiled graph, not inside it: with the dynamic shapes a pyramid needs,
         # inductor's CPU code for bf16 inputs ran 2.3x slower than for fp32 (one 2x256x75x125 level,
         # fwd+bwd: 33 ms vs 15 ms); the eager cast costs ~4 ms of that back.
