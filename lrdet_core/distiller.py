@@ -227,6 +227,9 @@ class BridgeDistiller(nn.Module):
         bridge_rois: R-CNN students only: RoIs sampled per image in the bridge pass (the RoI heads
             dominate its cost); ``None`` keeps the student's own setting.
         check_finite: ``"raise"`` (default) | ``"warn"`` | ``"off"`` for a NaN/Inf distillation term.
+        hr_det_weight: weight of the bridge's detection loss ``L_det(HR)`` (1.0, the paper's objective).
+            0 keeps the bridge pass, whose neck output is still distilled, but trains nothing with HR
+            boxes: with ``alpha=0`` instead, the two terms of the bridge can be ablated one at a time.
 
     Loss keys (training): ``"lr/<k>"`` the student's own losses, ``"bridge/<k>"`` the bridge's,
     ``"distill/<loss>"`` = ``alpha * L_FD``. With several teachers: ``"bridge.<name>/<k>"`` and
@@ -250,7 +253,8 @@ class BridgeDistiller(nn.Module):
                  split_points: Optional[SplitPoints] = None, teacher_split_points: Optional[SplitPoints] = None,
                  loss: LossSpec = "mse", alpha: Optional[float] = None, inherit: bool = False, bridge: bool = True,
                  hr_source: str = "teacher", hr_scale: Optional[float] = None, bridge_rois: Optional[int] = None,
-                 check_finite: str = "raise", loss_kwargs: Optional[Mapping[str, Any]] = None):
+                 check_finite: str = "raise", loss_kwargs: Optional[Mapping[str, Any]] = None,
+                 hr_det_weight: float = 1.0):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise InputError(f"expected the student to be an nn.Module, but got {type(student).__name__}")
@@ -280,7 +284,10 @@ class BridgeDistiller(nn.Module):
         if self.torchvision != all(torchvision_family(t) is not None for t in teachers.values()):
             raise InputError("expected the student and the teacher(s) to be both torchvision detectors or both "
                              "custom models, because the HR view is built differently for each")
+        if not (isinstance(hr_det_weight, (int, float)) and math.isfinite(hr_det_weight) and hr_det_weight >= 0):
+            raise InputError(f"expected hr_det_weight to be a finite number >= 0, but got {hr_det_weight!r}")
         self.bridge, self.hr_source, self.hr_scale = bridge, hr_source, hr_scale
+        self.hr_det_weight = float(hr_det_weight)
         self.bridge_rois, self.check_finite = bridge_rois, check_finite
 
         # The teachers are kept out of the module tree: no gradients, not in state_dict(), not in
@@ -451,7 +458,8 @@ class BridgeDistiller(nn.Module):
             hr = self._teacher_pass(tname, teacher, images, targets, hr_images, hr_targets, lr)
             if self.bridge:
                 bridge_losses, s_feats = self._bridge_pass(images, targets, lr, hr)
-                out.update({self._key("bridge", tname, k): v for k, v in bridge_losses.items()})
+                w = self.hr_det_weight
+                out.update({self._key("bridge", tname, k): v if w == 1.0 else w * v for k, v in bridge_losses.items()})
             else:
                 s_feats = self._upsampled_lr_neck(lr, hr)
             out[self._key("distill", tname, self.loss_name)] = self.alpha * self._distill(tname, s_feats, hr)
