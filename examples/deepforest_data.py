@@ -8,7 +8,7 @@ never installed or imported.
 Split (fixed, see ``examples/README`` of the reproduction):
 
 * ``train``: random crops from ``2019_YELL_2_528000_4978000_image_crop2.png`` above its bottom
-  ``HELD_OUT_ROWS`` rows;
+  ``HELD_OUT_ROWS`` rows (512; the ``powered`` preset of the reproduction holds out 768);
 * ``val``: the held-out bottom rows of that image, as a grid of tiles (the main score);
 * ``cross_site``: the second YELL image and the two 400 x 400 images from other sites (OSBS, SOAP),
   as tiles covering them (the last row/column overlapping): a robustness test in a different domain,
@@ -140,13 +140,14 @@ def tiles(image: Tensor, boxes: Tensor, y_range: Tuple[int, int], tile: int = TI
     return out
 
 
-def load_split(split: str, tile: int = TILE, cache_dir: Optional[str] = None) -> List[Dict]:
+def load_split(split: str, tile: int = TILE, cache_dir: Optional[str] = None,
+               held_out_rows: int = HELD_OUT_ROWS) -> List[Dict]:
     """Tiles of the ``"val"`` (held-out rows of the training image) or ``"cross_site"`` split."""
     if split == "val":
         image, boxes = load_image(TRAIN_IMAGE, cache_dir)
         h = image.shape[-2]
         # non-overlapping full tiles, so that no crown is counted twice in the main score
-        return tiles(image, boxes, (h - HELD_OUT_ROWS, h), tile, TRAIN_IMAGE, cover=False)
+        return tiles(image, boxes, (h - held_out_rows, h), tile, TRAIN_IMAGE, cover=False)
     if split == "cross_site":
         out = []
         for name in CROSS_SITE_IMAGES:
@@ -164,10 +165,11 @@ class TrainCrops:
     so the LR and HR views of one sample always show the same content.
     """
 
-    def __init__(self, tile: int = TILE, cache_dir: Optional[str] = None, jitter: float = 0.2):
+    def __init__(self, tile: int = TILE, cache_dir: Optional[str] = None, jitter: float = 0.2,
+                 held_out_rows: int = HELD_OUT_ROWS):
         self.image, self.boxes = load_image(TRAIN_IMAGE, cache_dir)
         self.tile, self.jitter = tile, jitter
-        self.max_y = self.image.shape[-2] - HELD_OUT_ROWS - tile  # the crop never reaches the held-out rows
+        self.max_y = self.image.shape[-2] - held_out_rows - tile  # the crop never reaches the held-out rows
         self.max_x = self.image.shape[-1] - tile
 
     def sample(self, g: torch.Generator) -> Tuple[Tensor, Tensor]:
@@ -223,15 +225,15 @@ def target(boxes: Tensor) -> Dict[str, Tensor]:
     return {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
 
 
-def summary(cache_dir: Optional[str] = None) -> Dict[str, Dict[str, int]]:
+def summary(cache_dir: Optional[str] = None, held_out_rows: int = HELD_OUT_ROWS) -> Dict[str, Dict[str, int]]:
     """Tiles and boxes per split, for logs and the results file."""
     out = {}
     for split in ("val", "cross_site"):
-        ts = load_split(split, cache_dir=cache_dir)
+        ts = load_split(split, cache_dir=cache_dir, held_out_rows=held_out_rows)
         out[split] = {"tiles": len(ts), "boxes": int(sum(len(t["boxes"]) for t in ts))}
     image, boxes = load_image(TRAIN_IMAGE, cache_dir)
-    keep = boxes[:, 3] <= image.shape[-2] - HELD_OUT_ROWS
-    out["train_region"] = {"rows": image.shape[-2] - HELD_OUT_ROWS, "boxes": int(keep.sum())}
+    keep = boxes[:, 3] <= image.shape[-2] - held_out_rows
+    out["train_region"] = {"rows": image.shape[-2] - held_out_rows, "boxes": int(keep.sum())}
     return out
 
 

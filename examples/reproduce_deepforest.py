@@ -158,14 +158,42 @@ def lr_lambda(warmup: int, iters: int) -> Callable[[int], float]:
     return f
 
 
+def step_lambda(warmup: int, iters: int, milestones=(2 / 3, 8 / 9), gamma: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up, then the learning rate times ``gamma`` at each milestone (fractions of ``iters``):
+    the step schedule of mmdetection's 1x recipe (epochs 8 and 11 of 12), which the paper trains with."""
+    steps = [round(m * iters) for m in milestones]
+
+    def f(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return gamma ** sum(i >= s for s in steps)
+    return f
+
+
+#: Optimisers: AdamW with cosine decay (the default presets), or the paper's SGD (momentum 0.9, weight decay
+#: 1e-4, step decay); both with linear warm-up and gradient clipping at 10.
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def train(module: nn.Module, step: Callable[[int], Dict[str, Tensor]], iters: int, lr: float, desc: str,
-          warmup: int = 50, clip: float = 10.0, log_every: int = 50) -> List[Dict[str, float]]:
-    """AdamW, linear warm-up then cosine decay, gradient clipping; ``step(i)`` returns a loss dict."""
+          warmup: int = 50, clip: float = 10.0, log_every: int = 50, optim: str = "adamw") -> List[Dict[str, float]]:
+    """Train ``module`` for ``iters`` iterations; ``step(i)`` returns a loss dict.
+
+    ``optim="adamw"``: AdamW, linear warm-up then cosine decay. ``"sgd"``: SGD with momentum 0.9, linear warm-up
+    then step decay (x0.1 at 2/3 and 8/9 of the iterations). Both clip the gradient norm at ``clip``.
+    """
     from tqdm import tqdm
 
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(warmup, max(iters // 5, 1)), iters))
+    warmup = min(warmup, max(iters // 5, 1))
+    if optim == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, step_lambda(warmup, iters))
+    elif optim == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, iters))
+    else:
+        raise ValueError(f"expected optim in {OPTIMIZERS}, but got {optim!r}")
     module.train()
     log, running = [], {}
     # worker processes (--jobs) keep quiet: their bars would overwrite each other; the parent shows one
@@ -244,6 +272,10 @@ def evaluate(model: nn.Module, splits: Dict[str, List[Dict]], scale: float) -> D
 # Runs
 # ------------------------------------------------------------------------------------------------
 
+#: MSE weight of the powered presets: alpha * L_FD about half the LR detection loss at the first step of an
+#: LRDet run at 0.75x with their 2000-iteration teacher (measured as for ALPHAS below).
+POWERED_ALPHA = 2e-7
+
 PRESETS = {
     "quick": dict(scale=0.5, teacher_iters=4, iters=3, batch=2, seeds=[0], lr=1e-3, alpha=2e-7,
                   methods=["lr_baseline", "fitnet_up", "lrdet"]),
@@ -252,6 +284,18 @@ PRESETS = {
     "full": dict(scale=0.5, teacher_iters=1000, iters=1000, batch=8, seeds=[0, 1, 2, 3, 4], lr=1e-3, alpha=2e-7,
                  methods=["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_l1", "lrdet_cwd",
                           "lrdet_fgd"]),
+    # The paper's resolution gap (600 vs 800 px: 0.75x), a teacher trained 2x as long as the students, 10
+    # paired seeds and a 50% larger held-out set (768 rows: 24 tiles, 172 crowns), to see an effect of the
+    # size of the paper's (LRDet over inherit: +0.8 AP of 37 in its Table 4a). Also the bridge's two terms
+    # on their own: lrdet_det_only (alpha = 0) and lrdet_fd_only (hr_det_weight = 0).
+    "powered": dict(scale=0.75, teacher_iters=2000, iters=1000, batch=8, seeds=list(range(10)), lr=1e-3,
+                    alpha=POWERED_ALPHA, held_out_rows=768,
+                    methods=["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_det_only",
+                             "lrdet_fd_only"]),
+    # The same at the paper's optimiser: SGD, momentum 0.9, step decay, gradient clipping (same teacher).
+    "powered_sgd": dict(scale=0.75, teacher_iters=2000, iters=1000, batch=8, seeds=[0, 1, 2, 3, 4], lr=0.01,
+                        alpha=POWERED_ALPHA, held_out_rows=768, optim="sgd",
+                        methods=["lr_baseline", "bridge", "inherit", "lrdet"]),
 }
 #: Distillation weights. The library's recommended ones (the paper's alpha = 0.005 for sum-reduced MSE)
 #: fit ResNet-50 FPN features on COCO; this small from-scratch FPN has unnormalised outputs whose
@@ -260,10 +304,19 @@ PRESETS = {
 #: start of an LRDet run (about half the LR detection loss), measured with the 600-iteration teacher.
 #: ``--alpha`` overrides the MSE weight (also used by fitnet_up).
 ALPHAS = {"mse": 2e-7, "l1": 6e-7, "cwd": 0.2, "fgd": 7e-3}
-ALL_METHODS = ["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_l1", "lrdet_cwd", "lrdet_fgd"]
+ALL_METHODS = ["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_l1", "lrdet_cwd", "lrdet_fgd",
+               "bridge_det_only", "bridge_fd_only", "lrdet_det_only", "lrdet_fd_only"]
 LABELS = {"hr_teacher": "HR teacher (1x)", "lr_baseline": "LR baseline", "fitnet_up": "+ upsample distill (Fitnet/Up)",
           "bridge": "+ bridge", "inherit": "+ inherit", "lrdet": "+ bridge + inherit (LRDet)",
-          "lrdet_l1": "LRDet, L1", "lrdet_cwd": "LRDet, CWD", "lrdet_fgd": "LRDet, FGD"}
+          "lrdet_l1": "LRDet, L1", "lrdet_cwd": "LRDet, CWD", "lrdet_fgd": "LRDet, FGD",
+          "bridge_det_only": "+ bridge, L_det(HR) only", "bridge_fd_only": "+ bridge, distillation only",
+          "lrdet_det_only": "LRDet, L_det(HR) only", "lrdet_fd_only": "LRDet, distillation only"}
+#: Paired contrasts reported with their standard error: (a, b) means a - b on the same seed.
+CONTRASTS = [("lrdet", "inherit"), ("bridge", "lr_baseline"), ("bridge", "fitnet_up"), ("fitnet_up", "lr_baseline"),
+             ("inherit", "lr_baseline"), ("lrdet", "lr_baseline"), ("lrdet_det_only", "inherit"),
+             ("lrdet_fd_only", "inherit"), ("lrdet", "lrdet_det_only"), ("lrdet", "lrdet_fd_only"),
+             ("bridge_det_only", "lr_baseline"), ("bridge_fd_only", "lr_baseline"),
+             ("lrdet_l1", "inherit"), ("lrdet_cwd", "inherit"), ("lrdet_fgd", "inherit")]
 
 
 def seed_all(seed: int) -> torch.Generator:
@@ -274,7 +327,7 @@ def seed_all(seed: int) -> torch.Generator:
 def train_teacher(cfg: dict, crops: dfd.TrainCrops, cache: Optional[Path]):
     """The HR teacher and its training time, from the cache when one with these settings exists."""
     teacher = build_fcos(dfd.TILE)
-    key = {k: cfg[k] for k in ("teacher_iters", "batch", "lr", "teacher_seed")}
+    key = teacher_key(cfg)
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = cache / f"deepforest_teacher_{tag}.pt" if cache else None
     if path is not None and path.is_file():
@@ -290,7 +343,7 @@ def train_teacher(cfg: dict, crops: dfd.TrainCrops, cache: Optional[Path]):
         return teacher(hr, hr_t)
 
     t = time.time()
-    train(teacher, step, cfg["teacher_iters"], cfg["lr"], "HR teacher")
+    train(teacher, step, cfg["teacher_iters"], cfg["teacher_lr"], "HR teacher")  # always AdamW
     t = time.time() - t
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,17 +368,20 @@ def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teache
             lr, lr_t, _, _ = make_batch(crops, batch, scale, g)
             return student(lr, lr_t)
 
-        return student, train(student, step, cfg["iters"], cfg["lr"], desc)
-    loss = method.split("_", 1)[1] if method.startswith("lrdet_") else "mse"
+        return student, train(student, step, cfg["iters"], cfg["lr"], desc, optim=cfg.get("optim", "adamw"))
+    base, _, variant = method.partition("_")
+    loss = variant if variant in ALPHAS else "mse"
     alpha = cfg["alpha"] if loss == "mse" else ALPHAS[loss]
-    d = BridgeDistiller(student, teacher, loss=loss, alpha=alpha, inherit=method.startswith("lrdet"),
-                        bridge=method != "fitnet_up")
+    if variant == "det_only":  # the bridge's HR detection loss without distillation
+        alpha = 0.0
+    d = BridgeDistiller(student, teacher, loss=loss, alpha=alpha, inherit=base == "lrdet", bridge=method != "fitnet_up",
+                        hr_det_weight=0.0 if variant == "fd_only" else 1.0)
 
     def step(i):
         lr, lr_t, hr, hr_t = make_batch(crops, batch, scale, g)
         return d(lr, lr_t, hr_images=hr, hr_targets=hr_t)
 
-    return student, train(d, step, cfg["iters"], cfg["lr"], desc)
+    return student, train(d, step, cfg["iters"], cfg["lr"], desc, optim=cfg.get("optim", "adamw"))
 
 
 # Parallel runs (``--jobs``): each worker process loads the data and the teacher once, then trains
@@ -336,17 +392,17 @@ _WORKER: Dict = {}
 _COST = {"lr_baseline": 1.0, "inherit": 1.0, "fitnet_up": 1.7}
 
 
-def load_data(cache: Path, quick: bool):
-    crops = dfd.TrainCrops(cache_dir=str(cache))
-    splits = {s: dfd.load_split(s, cache_dir=str(cache)) for s in ("val", "cross_site")}
+def load_data(cache: Path, quick: bool, held_out_rows: int = dfd.HELD_OUT_ROWS):
+    crops = dfd.TrainCrops(cache_dir=str(cache), held_out_rows=held_out_rows)
+    splits = {s: dfd.load_split(s, cache_dir=str(cache), held_out_rows=held_out_rows) for s in ("val", "cross_site")}
     if quick:  # a smoke test: every code path, a fraction of the tiles
         splits = {s: t[::4] for s, t in splits.items()}
     return crops, splits
 
 
-def _init_worker(cache: Path, quick: bool, teacher_state: Dict, threads: int) -> None:
+def _init_worker(cache: Path, quick: bool, held_out_rows: int, teacher_state: Dict, threads: int) -> None:
     torch.set_num_threads(threads)
-    _WORKER["crops"], _WORKER["splits"] = load_data(cache, quick)
+    _WORKER["crops"], _WORKER["splits"] = load_data(cache, quick, held_out_rows)
     _WORKER["teacher"] = build_fcos(dfd.TILE)
     _WORKER["teacher"].load_state_dict(teacher_state)
 
@@ -401,6 +457,24 @@ def summarise(results: Dict) -> Dict:
     return out
 
 
+def contrasts(results: Dict, split: str = "val", metric: str = "AP") -> List[Dict]:
+    """Paired differences ``a - b`` over the seeds both methods ran: mean, std, standard error, n, and how
+    many seeds are positive. Only pairs whose two methods are in ``results`` appear."""
+    runs, out = results["runs"], []
+    for a, b in CONTRASTS:
+        if a not in runs or b not in runs:
+            continue
+        seeds = [s for s in runs[a] if s in runs[b]]
+        diffs = [runs[a][s][split][metric] - runs[b][s][split][metric] for s in seeds]
+        diffs = [d for d in diffs if not math.isnan(d)]
+        if not diffs:
+            continue
+        m, sd = mean_std(diffs)
+        out.append({"a": a, "b": b, "mean": m, "std": sd, "se": sd / math.sqrt(len(diffs)), "n": len(diffs),
+                    "positive": sum(d > 0 for d in diffs), "split": split, "metric": metric})
+    return out
+
+
 def fmt(ms, digits=3):
     m, s = ms
     if math.isnan(m):
@@ -408,14 +482,25 @@ def fmt(ms, digits=3):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _resumed_note(results: Dict) -> str:
+    n = results.get("resumed_runs", 0)
+    if not n:
+        return ""
+    total = sum(v for k, v in results["timings_s"].items() if k != "hr_teacher")
+    return (f" for the last invocation, which reused {n} runs finished by earlier ones ({total / 3600:.1f} h of "
+            f"training over all runs)")
+
+
 def markdown(results: Dict, summary: Dict) -> str:
     cfg = results["config"]
     lines = [f"# LRDet on NEON tree crowns (DeepForest sample data), preset `{cfg['preset']}`", "",
              f"Command: `{cfg['command']}`  ",
              f"LR scale {cfg['scale']} (tiles {round(256 * cfg['scale'])} px, HR 256 px); teacher "
-             f"{cfg['teacher_iters']} iterations, students {cfg['iters']} iterations, batch {cfg['batch']}, AdamW lr "
-             f"{cfg['lr']}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: {ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
-             f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']} "
+             f"{cfg['teacher_iters']} iterations (AdamW lr {cfg.get('teacher_lr', cfg['lr'])}), students {cfg['iters']} "
+             f"iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr "
+             f"{cfg['lr']}, held-out rows {cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: {ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
+             f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']}"
+             f"{_resumed_note(results)} "
              f"(teacher training: {results['timings_s']['hr_teacher'] / 60:.1f} min"
              f"{', loaded from the cache, not part of the wall time' if results.get('teacher_cached') else ''}).", "",
              "Mean ± std over seeds. ΔAP: paired difference to the LR baseline with the same seed (same data order "
@@ -430,6 +515,14 @@ def markdown(results: Dict, summary: Dict) -> str:
             delta = fmt(r["dAP"]) if "dAP" in r else ""
             lines.append(f"| {LABELS.get(method, method)} | {r['n']} | " + " | ".join(
                 fmt(r[m]) for m in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AR100")) + f" | {delta} |")
+        lines.append("")
+    rows = results.get("contrasts", [])
+    if rows:
+        lines += ["## Paired contrasts (held-out AP, a − b on the same seed)", "",
+                  "| contrast | mean | SE | std | seeds | seeds > 0 |", "|---|---|---|---|---|---|"]
+        for c in rows:
+            lines.append(f"| {c['a']} − {c['b']} | {c['mean']:+.4f} | {c['se']:.4f} | {c['std']:.4f} | {c['n']} | "
+                         f"{c['positive']}/{c['n']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -571,24 +664,101 @@ def git_commit() -> str:
         return "unknown"
 
 
+REPO = HERE.parent
+#: Where runs go unless ``--save-results`` (the committed ``examples/results``) or ``--out`` is given: an
+#: untracked folder, so that running the main job leaves the checkout clean.
+DEFAULT_OUT = REPO / "runs"
+
+
+def teacher_key(cfg: dict) -> Dict:
+    """The settings that determine the HR teacher (its cache key)."""
+    key = {"teacher_iters": cfg["teacher_iters"], "batch": cfg["batch"], "lr": cfg["teacher_lr"],
+           "teacher_seed": cfg["teacher_seed"]}  # "lr" is the teacher's: the key's spelling before the SGD presets
+    if cfg.get("held_out_rows", dfd.HELD_OUT_ROWS) != dfd.HELD_OUT_ROWS:
+        key["held_out_rows"] = cfg["held_out_rows"]
+    return key
+
+
+def run_fingerprint(cfg: dict) -> str:
+    """What a (method, seed) run's numbers depend on besides the method and the seed; a finished run is
+    reused by a later invocation only when its fingerprint is the same."""
+    keys = ("scale", "iters", "batch", "lr", "alpha", "optim", "held_out_rows", "quick")
+    d = {k: cfg.get(k) for k in keys}
+    d["teacher"] = teacher_key(cfg)
+    d["alphas"] = ALPHAS
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class RunStore:
+    """Finished (method, seed) runs as one JSON file each, written as each run completes, so that an
+    interrupted invocation loses only the runs in flight and a rerun of the same command skips the rest.
+    The weights of the students kept for the figures go to the cache folder (they are large)."""
+
+    def __init__(self, folder: Path, weights: Path, fingerprint: str):
+        self.folder, self.weights, self.fingerprint = folder, weights, fingerprint
+
+    def _json(self, method: str, seed: int) -> Path:
+        # the fingerprint in the name: a run with other settings under the same --name never overwrites it
+        return self.folder / f"{method}_seed{seed}.{self.fingerprint}.json"
+
+    def _pt(self, method: str, seed: int) -> Path:
+        return self.weights / f"{self.fingerprint}_{method}_seed{seed}.pt"
+
+    def load(self, method: str, seed: int, need_state: bool):
+        """The finished run as ``run_and_evaluate`` returns it, or None when it has to run (again)."""
+        path = self._json(method, seed)
+        if not path.is_file():
+            return None
+        rec = json.loads(path.read_text())
+        if rec.get("fingerprint") != self.fingerprint:
+            return None
+        state = None
+        if need_state:
+            if not self._pt(method, seed).is_file():
+                return None  # runs are deterministic: training it again gives the same numbers and the weights
+            state = torch.load(self._pt(method, seed), map_location="cpu")
+        res = {split: {m: (float("nan") if v is None else v) for m, v in r.items()} for split, r in rec["res"].items()}
+        return method, seed, res, rec["elapsed_s"], rec["log"], state
+
+    def save(self, out) -> None:
+        method, seed, res, elapsed, log, state = out
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rec = {"method": method, "seed": seed, "fingerprint": self.fingerprint, "elapsed_s": elapsed,
+               "res": json_safe(res), "log": log}
+        tmp = self._json(method, seed).with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1, allow_nan=False))
+        tmp.replace(self._json(method, seed))  # atomic: a killed process never leaves half a file
+        if state is not None:
+            self.weights.mkdir(parents=True, exist_ok=True)
+            torch.save(state, self._pt(method, seed))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="smoke test: a few iterations, one seed (CI)")
-    g.add_argument("--full", action="store_true", help="longer schedule, 5 seeds, all distillation losses")
+    g.add_argument("--preset", choices=list(PRESETS), help="default: 'default' (the README's main job, ~30 min)")
+    g.add_argument("--quick", action="store_true", help="= --preset quick: a few iterations, one seed (CI)")
+    g.add_argument("--full", action="store_true", help="= --preset full: longer schedule, 5 seeds, all losses")
     p.add_argument("--scale", type=float, help="LR scale (default 0.5; 0.25 is the harder preset)")
     p.add_argument("--iters", type=int, help="student iterations")
     p.add_argument("--teacher-iters", type=int, help="teacher iterations")
     p.add_argument("--batch", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="the students' learning rate")
+    p.add_argument("--optim", choices=OPTIMIZERS, help="the students' optimiser (the teacher always uses AdamW)")
+    p.add_argument("--held-out-rows", type=int, help="bottom rows of the training image held out for scoring")
     p.add_argument("--alpha", type=float, help="weight of the MSE distillation term (sum reduction)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--teacher-seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS)
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--name", help="output file stem (default deepforest, deepforest_quick, deepforest_full)")
+    o = p.add_mutually_exclusive_group()
+    o.add_argument("--out", type=Path, help=f"output folder (default {DEFAULT_OUT.relative_to(REPO)}/, untracked)")
+    o.add_argument("--save-results", action="store_true",
+                   help="write into the committed examples/results/ (to update the published results)")
+    p.add_argument("--fresh", action="store_true", help="train every run again, ignoring finished runs in the "
+                   "output folder (by default a rerun of a command skips the runs it finished)")
+    p.add_argument("--name", help="output file stem (default deepforest, deepforest_<preset>)")
     p.add_argument("--cache", type=Path, default=dfd.default_cache_dir(),
-                   help="where the data wheel and trained teachers are kept")
+                   help="where the data wheel, trained teachers and kept students are kept")
     p.add_argument("--no-teacher-cache", action="store_true", help="always train the teacher")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a 2-core machine shared with other jobs, 2 threads ran\n"
@@ -600,47 +770,65 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    preset = "quick" if args.quick else "full" if args.full else "default"
+    preset = args.preset or ("quick" if args.quick else "full" if args.full else "default")
     cfg = dict(PRESETS[preset])
-    for k in ("scale", "iters", "teacher_iters", "batch", "lr", "alpha", "seeds", "methods"):
+    for k in ("scale", "iters", "teacher_iters", "batch", "lr", "optim", "held_out_rows", "alpha", "seeds", "methods"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    cfg.update(preset=preset, teacher_seed=args.teacher_seed,
+    cfg.setdefault("optim", "adamw")
+    cfg.setdefault("held_out_rows", dfd.HELD_OUT_ROWS)
+    cfg.setdefault("teacher_lr", cfg["lr"])
+    cfg.update(preset=preset, teacher_seed=args.teacher_seed, quick=preset == "quick",
                command=" ".join(["python examples/reproduce_deepforest.py", *(sys.argv[1:] if argv is None else argv)]))
     name = args.name or ("deepforest" if preset == "default" else f"deepforest_{preset}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out or (HERE / "results" if args.save_results else DEFAULT_OUT)
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    crops, splits = load_data(args.cache, preset == "quick")
+    crops, splits = load_data(args.cache, cfg["quick"], cfg["held_out_rows"])
     print(f"preset {preset}: {json.dumps({k: v for k, v in cfg.items() if k != 'command'})}")
-    print(f"data: {json.dumps(dfd.summary(str(args.cache)))}")
+    print(f"data: {json.dumps(dfd.summary(str(args.cache), cfg['held_out_rows']))}")
 
     timings = {}
-    teacher, timings["hr_teacher"], cached = train_teacher(cfg, crops, None if args.no_teacher_cache or preset == "quick"
-                                                   else args.cache)
+    teacher, timings["hr_teacher"], cached = train_teacher(cfg, crops, None if args.no_teacher_cache or cfg["quick"]
+                                                           else args.cache)
     results = {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "runs": {}, "timings_s": {}}
     results["runs"]["hr_teacher"] = {str(cfg["teacher_seed"]): evaluate(teacher, splits, 1.0)}
     print(f"HR teacher: val AP {results['runs']['hr_teacher'][str(cfg['teacher_seed'])]['val']['AP']:.3f}")
 
     cfg_run = {k: v for k, v in cfg.items() if k != "command"}
+    fingerprint = run_fingerprint(cfg_run)
+    store = RunStore(out_dir / f"{name}.runs", args.cache / "students", fingerprint)
     jobs = [(m, s) for s in cfg["seeds"] for m in cfg["methods"]]
-    keep_jobs = {(m, cfg["seeds"][0]) for m in ("lr_baseline", "lrdet")}  # the students in the figures
+    keep_jobs = set() if args.no_plots else {(m, cfg["seeds"][0]) for m in ("lr_baseline", "lrdet")}
     done = {}
+    if not args.fresh:
+        for m, s in jobs:
+            prev = store.load(m, s, (m, s) in keep_jobs)
+            if prev is not None:
+                done[(m, s)] = prev
+        if done:
+            print(f"{len(done)} of {len(jobs)} runs already finished in {store.folder} (fingerprint {fingerprint}): "
+                  f"skipped; --fresh trains them again")
+    resumed = len(done)
+    todo = [j for j in jobs if j not in done]
 
     def report(out):
         method, seed, res, elapsed, log, state = out
         done[(method, seed)] = out
+        store.save(out)
         print(f"{method:12s} seed {seed}: val AP {res['val']['AP']:.3f} AP_S {res['val']['AP_S']:.3f} | "
               f"cross-site AP {res['cross_site']['AP']:.3f} ({elapsed:.0f} s)", flush=True)
 
-    if args.jobs > 1:
+    if args.jobs > 1 and todo:
         import multiprocessing as mp
         from tqdm import tqdm
 
-        order = sorted(jobs, key=lambda j: -_COST.get(j[0], 3.5))  # longest first
+        order = sorted(todo, key=lambda j: -_COST.get(j[0], 3.5))  # longest first
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
         with ctx.Pool(args.jobs, initializer=_init_worker,
-                      initargs=(args.cache, preset == "quick", teacher.state_dict(), args.threads)) as pool:
+                      initargs=(args.cache, cfg["quick"], cfg["held_out_rows"], teacher.state_dict(), args.threads)
+                      ) as pool:
             pending = [pool.apply_async(run_and_evaluate, (m, s, cfg_run, (m, s) in keep_jobs)) for m, s in order]
             bar = tqdm(total=len(pending), desc=f"runs ({args.jobs} processes)", dynamic_ncols=True)
             while pending:
@@ -651,7 +839,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                     bar.update()
             bar.close()
     else:
-        for m, s in jobs:
+        for m, s in todo:
             report(run_and_evaluate(m, s, cfg_run, (m, s) in keep_jobs, crops, splits, teacher))
 
     keep, logs = {}, {}
@@ -666,6 +854,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     results["timings_s"] = timings
     results["wall_time_s"] = time.time() - t0
+    results["resumed_runs"] = resumed
     results["teacher_cached"] = cached
     results["loss_logs"] = logs
     results["machine"] = (f"{platform.machine()} CPU, {args.threads} thread(s)"
@@ -677,19 +866,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     except ImportError:
         pass
     results["summary"] = summarise(results)
-    (args.out / f"{name}.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
+    results["contrasts"] = contrasts(results)
+    (out_dir / f"{name}.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
     md = markdown(results, results["summary"])
-    (args.out / f"{name}.md").write_text(md + "\n")
+    (out_dir / f"{name}.md").write_text(md + "\n")
     if not args.no_plots:
-        plot_ap(results, args.out / f"{name}_ap.png", f"LRDet on NEON tree crowns, LR {cfg['scale']}x "
+        plot_ap(results, out_dir / f"{name}_ap.png", f"LRDet on NEON tree crowns, LR {cfg['scale']}x "
                 f"({preset}; mean ± std over {len(cfg['seeds'])} seeds)")
         models = {"HR teacher": (teacher, 1.0)}
         models.update({LABELS[k]: (v, cfg["scale"]) for k, v in keep.items()})
         vis = max(range(len(splits["val"])), key=lambda i: len(splits["val"][i]["boxes"]))
-        plot_features(models, splits["val"][vis], args.out / f"{name}_features.png")
-        plot_detections(models, splits["val"], vis, args.out / f"{name}_detections.png")
+        plot_features(models, splits["val"][vis], out_dir / f"{name}_features.png")
+        plot_detections(models, splits["val"], vis, out_dir / f"{name}_detections.png")
     print(md)
-    print(f"wrote {args.out / name}.{{json,md}} in {results['wall_time_s'] / 60:.1f} min")
+    print(f"wrote {out_dir / name}.{{json,md}} in {results['wall_time_s'] / 60:.1f} min"
+          + (f" ({resumed} runs resumed from earlier invocations)" if resumed else ""))
     return results
 
 

@@ -1,0 +1,129 @@
+"""The reproduction's machinery: resumable runs, paired contrasts, the SGD schedule and the bridge probe."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchvision")
+pytest.importorskip("pycocotools")
+pytest.importorskip("tqdm")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def rd():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import reproduce_deepforest
+        return reproduce_deepforest
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def dfd(rd):
+    import deepforest_data
+    try:
+        deepforest_data.fetch_wheel()
+    except deepforest_data.DataUnavailableError as e:
+        pytest.skip(str(e))
+    return deepforest_data
+
+
+def _run(*args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               MPLBACKEND="Agg")
+    res = subprocess.run([sys.executable, str(EXAMPLES / "reproduce_deepforest.py"), *args], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout
+
+
+def test_contrasts_are_paired_by_seed_with_their_standard_error(rd):
+    def run(ap):
+        return {"val": {"AP": ap}}
+    results = {"runs": {"inherit": {"0": run(0.10), "1": run(0.20), "2": run(0.30), "3": run(0.5)},
+                        "lrdet": {"0": run(0.11), "1": run(0.23), "2": run(0.29)}}}
+    (c,) = [c for c in rd.contrasts(results) if (c["a"], c["b"]) == ("lrdet", "inherit")]
+    diffs = [0.01, 0.03, -0.01]  # seed 3 ran for inherit only: not paired, left out
+    m = sum(diffs) / 3
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / 2)
+    assert c["n"] == 3 and c["positive"] == 2
+    assert c["mean"] == pytest.approx(m) and c["std"] == pytest.approx(sd) and c["se"] == pytest.approx(sd / math.sqrt(3))
+    assert all(c["a"] in results["runs"] and c["b"] in results["runs"] for c in rd.contrasts(results))
+
+
+def test_sgd_schedule_warms_up_then_steps_down_at_two_thirds_and_eight_ninths(rd):
+    f = rd.step_lambda(warmup=10, iters=900)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(599) == 1.0 and f(600) == pytest.approx(0.1)
+    assert f(799) == pytest.approx(0.1) and f(800) == pytest.approx(0.01) and f(899) == pytest.approx(0.01)
+
+
+def test_runs_go_to_an_untracked_folder_by_default(rd):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert rd.DEFAULT_OUT == ROOT / "runs"
+    res = subprocess.run(["git", "check-ignore", "-q", "runs/deepforest.json"], cwd=ROOT)
+    assert res.returncode == 0, "runs/ must be ignored by git: the main job must not dirty the checkout"
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_finished_runs_and_gives_the_same_results(dfd, tmp_path):
+    args = ["--quick", "--out", str(tmp_path), "--no-plots", "--methods", "lr_baseline", "lrdet"]
+    _run(*args)
+    first = json.loads((tmp_path / "deepforest_quick.json").read_text())
+    runs = sorted((tmp_path / "deepforest_quick.runs").glob("*.json"))
+    assert [p.name.split(".")[0] for p in runs] == ["lr_baseline_seed0", "lrdet_seed0"]
+
+    out = _run(*args)  # everything finished: nothing trains again
+    assert "2 of 2 runs already finished" in out and "seed 0: val AP" not in out
+    again = json.loads((tmp_path / "deepforest_quick.json").read_text())
+    assert again["runs"] == first["runs"] and again["loss_logs"] == first["loss_logs"] and again["resumed_runs"] == 2
+
+    runs[1].unlink()  # an interrupted invocation: only the missing run trains, to the same numbers
+    out = _run(*args)
+    assert "1 of 2 runs already finished" in out and "lrdet        seed 0" in out
+    assert json.loads((tmp_path / "deepforest_quick.json").read_text())["runs"] == first["runs"]
+
+    # other settings under the same name are other runs: trained anew, and the finished ones are kept
+    _run(*args, "--optim", "sgd")
+    assert len(list((tmp_path / "deepforest_quick.runs").glob("*.json"))) == 4
+
+
+@pytest.mark.slow
+def test_bridge_probe_identities_at_equal_resolution(rd, dfd):
+    """At LR scale 1 the bridge replays the LR backbone features unchanged with the same targets, so its
+    neck output is the upsampled LR neck and both detection gradients are the same vector (cosine 1)."""
+    import torch
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import bridge_probe
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    torch.manual_seed(0)
+    teacher = rd.build_fcos(dfd.TILE).eval().requires_grad_(False)
+    crops = dfd.TrainCrops()
+    g = torch.Generator().manual_seed(0)
+    batches = [rd.make_batch(crops, 2, 1.0, g)]
+    student = rd.build_fcos(dfd.TILE)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    m = bridge_probe.measure(student, teacher, batches)
+    assert m["rel_err_bridge"] == pytest.approx(m["rel_err_upsample"], rel=1e-6) and m["rel_err_bridge"] > 0.1
+    assert m["cos_head"] == pytest.approx(1.0, abs=1e-5) and m["cos_neck"] == pytest.approx(1.0, abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # weights and BN stats put back
+    # at half resolution the bridge's neck sees upsampled features: the two no longer coincide
+    g = torch.Generator().manual_seed(0)
+    half = bridge_probe.measure(rd.build_fcos(128), teacher, [rd.make_batch(crops, 2, 0.5, g)])
+    assert half["rel_err_bridge"] != pytest.approx(half["rel_err_upsample"], rel=1e-3)
+    assert half["cos_head"] < 0.9999
