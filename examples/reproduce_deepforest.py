@@ -687,10 +687,20 @@ def teacher_key(cfg: dict) -> Dict:
     return key
 
 
+def state_sha(model: nn.Module) -> str:
+    """A hash of a model's weights: runs are reused only with the very teacher they were trained with (a
+    teacher trained again on another CPU may differ in the last bits)."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def run_fingerprint(cfg: dict) -> str:
     """What a (method, seed) run's numbers depend on besides the method and the seed; a finished run is
     reused by a later invocation only when its fingerprint is the same."""
-    keys = ("scale", "iters", "batch", "lr", "alpha", "optim", "held_out_rows", "quick")
+    keys = ("scale", "iters", "batch", "lr", "alpha", "optim", "held_out_rows", "quick", "teacher_sha")
     d = {k: cfg.get(k) for k in keys}
     d["teacher"] = teacher_key(cfg)
     d["alphas"] = ALPHAS
@@ -804,6 +814,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     results["runs"]["hr_teacher"] = {str(cfg["teacher_seed"]): evaluate(teacher, splits, 1.0)}
     print(f"HR teacher: val AP {results['runs']['hr_teacher'][str(cfg['teacher_seed'])]['val']['AP']:.3f}")
 
+    cfg["teacher_sha"] = state_sha(teacher)
+    results["config"]["teacher_sha"] = cfg["teacher_sha"]
     cfg_run = {k: v for k, v in cfg.items() if k != "command"}
     fingerprint = run_fingerprint(cfg_run)
     store = RunStore(out_dir / f"{name}.runs", args.cache / "students", fingerprint)
