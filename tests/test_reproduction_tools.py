@@ -127,3 +127,19 @@ def test_bridge_probe_identities_at_equal_resolution(rd, dfd):
     half = bridge_probe.measure(rd.build_fcos(128), teacher, [rd.make_batch(crops, 2, 0.5, g)])
     assert half["rel_err_bridge"] != pytest.approx(half["rel_err_upsample"], rel=1e-3)
     assert half["cos_head"] < 0.9999
+
+
+def test_a_run_is_reused_only_with_the_same_teacher_weights(rd):
+    import torch
+
+    torch.manual_seed(0)
+    a = rd.build_fcos(64)
+    torch.manual_seed(0)
+    b = rd.build_fcos(64)
+    assert rd.state_sha(a) == rd.state_sha(b)
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-7  # a teacher that differs in the last bits
+    assert rd.state_sha(a) != rd.state_sha(b)
+    cfg = dict(rd.PRESETS["powered"], teacher_lr=1e-3, teacher_seed=0, quick=False)
+    assert rd.run_fingerprint({**cfg, "teacher_sha": rd.state_sha(a)}) != \
+        rd.run_fingerprint({**cfg, "teacher_sha": rd.state_sha(b)})
