@@ -312,7 +312,8 @@ class _RampBody(nn.Module):
     """A backbone body whose outputs are :func:`_ramp` of the canvas it receives (strides 8 and 16)."""
 
     def forward(self, x):
-        return OrderedDict((str(i), _ramp(x.shape[0], tuple(x.shape[-2:]), s).to(x.dtype)) for i, s in enumerate((8, 16)))
+        canvas = tuple(x.shape[-2:])
+        return OrderedDict((str(i), _ramp(x.shape[0], canvas, s).to(x.dtype)) for i, s in enumerate((8, 16)))
 
 
 class _RampBackbone(nn.Module):
