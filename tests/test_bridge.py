@@ -2,9 +2,10 @@
 
 Every test here records what actually reaches the student's loss, the distillation loss or the
 student's modules in one training call, and compares it with a value computed independently (the
-detector's own transform, a plain forward, the per-image geometry). Student and teacher always run
-at different sizes on batches of mixed aspect ratios, so that LR and HR values cannot be mistaken
-for each other and one image's values cannot stand in for another's.
+detector's own transform, a plain forward, the per-image geometry). Wherever the two views matter,
+student and teacher run at different sizes on batches of mixed aspect ratios, so that LR and HR values
+cannot be mistaken for each other and one image's values cannot stand in for another's; only the
+BatchNorm test runs both at one size, where the bridge must reproduce a plain forward.
 """
 import copy
 import functools
