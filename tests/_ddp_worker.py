@@ -1,7 +1,8 @@
 """One rank of the DistributedDataParallel check in test_reliability.py; also its shared helpers.
 
 Run as ``python _ddp_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
-Each rank trains the distiller on its half of every batch and saves gradients and parameters.
+Each rank trains the distiller on its half of every batch, once per loss in ``LOSSES``, and saves
+gradients and parameters.
 """
 import os
 import sys
@@ -17,6 +18,7 @@ from lrdet_core import BridgeDistiller, SplitPoints  # noqa: E402
 
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 STEPS, BATCH, LR = 2, 4, 0.1
+LOSSES = ("fgd", "mse", "l1", "cwd")
 
 
 def without_bn(model: nn.Module) -> nn.Module:
@@ -75,18 +77,20 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    d = make_distiller().train()
-    ddp = DDP(d)  # deliberately without find_unused_parameters=True
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     per = BATCH // world
-    result = {"grads": [], "missing": []}
-    for s in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        step(ddp, part(tiny_batch(s), slice(rank * per, (rank + 1) * per)))
-        result["missing"].append([n for n, p in d.named_parameters() if p.grad is None])
-        result["grads"].append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
-        opt.step()
-    result["params"] = {n: p.detach().clone() for n, p in d.named_parameters()}
+    result = {}
+    for loss in LOSSES:
+        d = make_distiller(loss).train()
+        ddp = DDP(d)  # deliberately without find_unused_parameters=True
+        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+        run = result[loss] = {"grads": [], "missing": []}
+        for s in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            step(ddp, part(tiny_batch(s), slice(rank * per, (rank + 1) * per)))
+            run["missing"].append([n for n, p in d.named_parameters() if p.grad is None])
+            run["grads"].append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+            opt.step()
+        run["params"] = {n: p.detach().clone() for n, p in d.named_parameters()}
 
     # SyncBatchNorm in a real process group (BatchNorm student this time).
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from _ddp_worker import BATCH, LR, STEPS, TINY_SPLIT, gn_tiny, make_distiller, part, step, tiny_batch
+from _ddp_worker import BATCH, LOSSES, LR, STEPS, TINY_SPLIT, gn_tiny, make_distiller, part, step, tiny_batch
 from lrdet_core import BridgeDistiller, InputError, LRDetError, NonFiniteError
 from tiny import TinyDetector, batch, faster_rcnn, fcos, retinanet
 
@@ -74,20 +74,22 @@ def ddp_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-def test_ddp_without_find_unused_parameters_equals_the_average_of_per_half_steps(ddp_ranks):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ddp_without_find_unused_parameters_equals_the_average_of_per_half_steps(ddp_ranks, loss):
     # Without find_unused_parameters, DDP raises at the second step if any parameter got no gradient
     # in the first; the worker runs two steps, and also records parameters left without a gradient.
-    r0, r1 = ddp_ranks
+    r0, r1 = (r[loss] for r in ddp_ranks)
     assert r0["missing"] == r1["missing"] == [[]] * STEPS
     names = set(r0["params"])
-    assert any(n.startswith("projectors.") for n in names) and any(".gc_student." in n for n in names)
+    assert any(n.startswith("projectors.") for n in names)
+    assert any(".gc_student." in n for n in names) == (loss == "fgd")
     # GcBlocks end in a zero-initialised conv: their inner weights get non-zero gradients from step 2 on,
     # which is what makes the comparison below meaningful for them.
     assert all(g.abs().sum() > 0 for n, g in r0["grads"][-1].items() if n.endswith(".weight"))
 
     # What DDP computes, exactly: each rank differentiates its loss on half the batch and the gradients
     # are averaged. Reproduced here in one process by running each half and averaging.
-    d = make_distiller().train()
+    d = make_distiller(loss).train()
     opt = torch.optim.SGD(d.parameters(), lr=LR)
     ref_grads = []
     for s in range(STEPS):
@@ -117,7 +119,7 @@ def test_per_half_average_against_the_whole_batch():
     # the default reduction="sum") gives half of it: with R ranks, DDP's step on a batch of N equals a
     # single-process step on all N images with alpha / R. GroupNorm, not BatchNorm: batch statistics of a
     # half differ from those of the whole batch, so with BN neither relation holds.
-    for loss, distill_scale in (("fgd", 1.0), ("mse", 0.5)):
+    for loss, distill_scale in (("fgd", 1.0), ("cwd", 1.0), ("mse", 0.5), ("l1", 0.5)):
         d = make_distiller(loss).train()
         full = tiny_batch(0)
         halves = {}
@@ -145,7 +147,9 @@ def test_parameters_created_after_a_process_group_is_up_raise_instead_of_desynci
             d(images, targets)
         assert len(d.projectors) == 3  # created, then refused: a retry (after materialize) proceeds
         d.materialize(images, targets)
-        assert torch.isfinite(sum(d(images, targets).values()))
+        params = [id(p) for p in d.parameters()]
+        assert set(d(images, targets)) == {"lr/heat", "bridge/heat", "distill/mse"}
+        assert [id(p) for p in d.parameters()] == params  # nothing new: DDP would see every parameter
 
 
 def test_sync_batchnorm_student(ddp_ranks):
@@ -157,8 +161,8 @@ def test_sync_batchnorm_student(ddp_ranks):
     student = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
     images, targets, _, _ = tiny_batch(5, n=2)
     out = BridgeDistiller(student, TinyDetector(), split_points=TINY_SPLIT, hr_scale=2.0).train()(images, targets)
-    assert torch.isfinite(sum(out.values()))
-    plain.train()(images, targets)
+    ref = plain.train()(images, targets)
+    torch.testing.assert_close(out["lr/heat"], ref["heat"], rtol=0, atol=0)  # the LR pass is a plain BN forward
     sync = {k: v for k, v in student.state_dict().items() if "running" in k or "num_batches" in k}
     assert sync and all(torch.equal(v, plain.state_dict()[k]) for k, v in sync.items())
     assert all(m.track_running_stats for m in student.modules() if isinstance(m, nn.SyncBatchNorm))
@@ -179,13 +183,24 @@ def test_bf16_autocast_step_matches_fp32(loss):
     # compared with rtol 5e-2 (fp32 vs bf16 features through ~6 layers).
     # The projectors and GcBlocks are created inside the autocast region, at the first step: they must
     # still be fp32 (master weights for the optimizer), not the bf16 of the features they were sized from.
+    # bf16 is really used: the convolutions of the LR pass, the bridge pass and the teacher, and the
+    # features reaching the distillation loss, come out in bf16 under autocast (fp32 without).
     images, targets, _, _ = tiny_batch(0, n=2)
     results = {}
     for amp in (False, True):
         d = _tiny_distiller(loss).train()
+        dtypes = {"student": [], "teacher": [], "loss": []}
+        d.student.head[0].register_forward_hook(lambda m, i, o: dtypes["student"].append(o.dtype))
+        d.teacher.neck.lat[0][0].register_forward_hook(lambda m, i, o: dtypes["teacher"].append(o.dtype))
+        d.losses["teacher"].register_forward_pre_hook(lambda m, args: dtypes["loss"].append(
+            {x.dtype for x in args[0] + args[1]}))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "created at the first training step"
             out = d(images, targets)
+        want = torch.bfloat16 if amp else torch.float32
+        # the head runs once per level: 3 calls in the LR pass, 3 in the bridge pass
+        assert dtypes["student"] == [want] * 6 and dtypes["teacher"] == [want], dtypes
+        assert dtypes["loss"] == [{want}], dtypes
         assert len(d.projectors) == 3
         assert all(v.dtype == torch.float32 for v in out.values()), {k: v.dtype for k, v in out.items()}
         sum(out.values()).backward()
@@ -250,7 +265,9 @@ def test_materialize_changes_nothing_but_the_new_parameters():
 
 # --- export ------------------------------------------------------------------------------------------------
 def test_trained_fcos_student_exports_to_a_fresh_torchvision_model():
-    student, teacher = _seeded(fcos, size=64), _seeded(fcos, seed=1, size=96, channels=64)  # projectors
+    keep_all = dict(score_thresh=0.0, detections_per_img=20)  # untrained scores are low: keep detections
+    student = _seeded(fcos, size=64, **keep_all)
+    teacher = _seeded(fcos, seed=1, size=96, channels=64)  # other channels: projectors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         d = BridgeDistiller(student, teacher).train()
@@ -258,10 +275,10 @@ def test_trained_fcos_student_exports_to_a_fresh_torchvision_model():
     opt = torch.optim.SGD(d.parameters(), lr=0.01)
     sum(d(images, targets).values()).backward()
     opt.step()
-    fresh = fcos(size=64)
+    fresh = fcos(size=64, **keep_all)
     fresh.load_state_dict(d.student_state_dict(), strict=True)
     a, b = fresh.eval()(images), d.eval()(images)
-    assert len(a) == len(b) == 2
+    assert len(a) == len(b) == 2 and all(len(x["boxes"]) == 20 for x in a)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("boxes", "scores", "labels"))
 
 
@@ -325,27 +342,46 @@ def test_everything_is_put_back_when_the_forward_raises(where):
     torch.testing.assert_close(student(images, targets)["heat"], fresh(images, targets)["heat"], rtol=0, atol=0)
 
 
-def test_torchvision_modules_and_roi_sampler_are_put_back_when_the_bridge_raises():
+@pytest.mark.parametrize("where", ["lr", "teacher", "bridge"])
+def test_torchvision_modules_and_roi_sampler_are_put_back_when_a_pass_raises(where):
     student, teacher = _seeded(faster_rcnn, size=64), _seeded(faster_rcnn, seed=1, size=96)
     d = BridgeDistiller(student, teacher, bridge_rois=16).train()
-    body, transform, tree = student.backbone.body, student.transform, _tree(student)
+    body, transform, tree, t_tree = student.backbone.body, student.transform, _tree(student), _tree(teacher)
     seen = []
 
-    def boom(m, args):
+    def boom_student(m, args):
         seen.append(m.fg_bg_sampler.batch_size_per_image)
-        if len(seen) == 2:  # the bridge pass, with the sampler knob set to 16
+        if where != "teacher" and (where == "lr") == (len(seen) == 1):  # 1: LR pass; 2: bridge, knob at 16
             raise RuntimeError("injected")
 
-    handle = student.roi_heads.register_forward_pre_hook(boom)
+    def boom_teacher(m, args):  # the teacher's neck, after the distiller's hooks on its transform and body ran
+        raise RuntimeError("injected")
+
+    handles = [student.roi_heads.register_forward_pre_hook(boom_student)]
+    if where == "teacher":
+        handles.append(teacher.backbone.fpn.register_forward_pre_hook(boom_teacher))
     images, targets = batch(sizes=((64, 64), (64, 64)))
     with pytest.raises(RuntimeError, match="injected"):
         d(images, targets)
-    handle.remove()
-    assert seen == [512, 16] and student.roi_heads.fg_bg_sampler.batch_size_per_image == 512
-    assert student.backbone.body is body and student.transform is transform and _tree(student) == tree
+    for h in handles:
+        h.remove()
+    assert seen == {"lr": [512], "teacher": [512], "bridge": [512, 16]}[where]
+    assert student.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert student.backbone.body is body and student.transform is transform
+    assert _tree(student) == tree and _tree(teacher) == t_tree
     assert _hooks(student) == {} and _hooks(teacher) == {}
     assert all(m.track_running_stats for m in student.modules() if isinstance(m, nn.BatchNorm2d))
-    assert set(student(images, targets)) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert torch.is_grad_enabled() and not teacher.training
+    # A plain call behaves exactly like a fresh model with the same state (same RNG for the samplers).
+    fresh = faster_rcnn(size=64)
+    fresh.load_state_dict(student.state_dict())
+    torch.manual_seed(0)
+    got = student(images, targets)
+    torch.manual_seed(0)
+    want = fresh.train()(images, targets)
+    assert set(got) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
 
 
 def test_inplace_relu_after_a_torchvision_split_point():
