@@ -168,8 +168,8 @@ def _input_cast_to(model: nn.Module) -> Callable:
     """A forward pre-hook casting a floating first input to ``model``'s dtype.
 
     A teacher cast to bf16/fp16/fp64 to save memory still receives the student's fp32 batch; its
-    backbone (the split point, which takes the image batch) gets it in its own dtype. Under autocast the
-    convolutions then run in the autocast dtype as usual.
+    backbone (the split point, which takes the image batch) gets it in its own dtype, and the teacher
+    runs with autocast off.
     """
     dtype = validate.dtype_of(model)
 
@@ -678,6 +678,11 @@ class BridgeDistiller(nn.Module):
 
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
+            dtype = validate.dtype_of(teacher)
+            if dtype is not None and dtype != torch.float32:
+                # A teacher the user cast to bf16/fp16/fp64 runs in that dtype: under an autocast of another
+                # dtype its BatchNorms would get inputs of the autocast dtype and parameters of their own.
+                stack.enter_context(torch.autocast(next(teacher.parameters()).device.type, enabled=False))
             stack.enter_context(_hook(get_module(teacher, sp.backbone), _input_cast_to(teacher), pre=True))
             stack.enter_context(_hook(get_module(teacher, sp.backbone), on_backbone))
             stack.enter_context(_hook(get_module(teacher, sp.neck), on_neck))

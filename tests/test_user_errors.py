@@ -239,3 +239,242 @@ def test_mobilenet_v3_fpn_detectors_train_as_student_and_teacher(mobilenets, stu
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert student.backbone.fpn.inner_blocks[0][0].weight.grad.abs().sum() > 0  # level '0' reaches the loss
+
+
+# --- 3. a teacher in another dtype --------------------------------------------------------------------------
+@pytest.mark.parametrize("autocast", [False, True], ids=["eager", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_teacher_cast_to_another_dtype_gets_its_input_in_that_dtype(dtype, autocast):
+    torch.manual_seed(0)
+    teacher = TinyDetector(neck_channels=24).to(dtype)
+    rec = _Recorder()
+    d = _tiny(teacher=teacher, loss=rec, alpha=1.0).train()
+    images, targets = _tiny_batch()
+    hr = F.interpolate(images, scale_factor=2.0, mode="bilinear", align_corners=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = d(images, targets)  # a cast teacher runs in its own dtype, also under autocast
+    with torch.no_grad():
+        expected = teacher.neck(teacher.backbone(hr.to(dtype)))
+    t_feats = rec.calls[-1]["t"]
+    assert [f.dtype for f in t_feats] == [dtype] * 3  # the loss gets them in the teacher's dtype
+    assert all(torch.equal(f, v) for f, v in zip(t_feats, expected.values()))
+    assert all(torch.isfinite(v).all() for v in out.values())
+    sum(out.values()).backward()
+    assert all(p.dtype == dtype for p in teacher.parameters())
+
+
+def test_torchvision_teacher_in_bf16_is_probed_and_trained_with():
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128, channels=48)
+    d = BridgeDistiller(student, teacher.to(torch.bfloat16), alpha=1e-3).train()  # the probe runs the teacher
+    assert sorted(d.projectors) == ["teacher_s128", "teacher_s16", "teacher_s32", "teacher_s64", "teacher_s8"]
+    out = d(*batch())
+    assert out["distill/mse"].dtype == torch.float32 and torch.isfinite(out["distill/mse"])
+    sum(out.values()).backward()
+
+
+# --- 4. option values ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(alpha=float("nan")), r"expected alpha to be a finite number >= 0, 'auto' or None .* but got nan"),
+    (dict(alpha=-1.0), r"expected alpha to be a finite number >= 0.* but got -1.0"),
+    (dict(alpha=float("inf")), r"but got inf"),
+    (dict(alpha=True), r"but got True"),
+    (dict(alpha="Auto"), r"but got 'Auto'"),
+    (dict(alpha_ratio=0.5), r"alpha_ratio=0.5 only applies with alpha='auto', but got alpha=None"),
+    (dict(alpha="auto", alpha_ratio=0.0), r"expected alpha_ratio to be a finite number > 0 .* but got 0.0"),
+    (dict(alpha="auto", alpha_ratio=float("nan")), r"but got nan"),
+    (dict(bridge_rois=0), r"expected bridge_rois to be a positive int .* but got 0"),
+    (dict(bridge_rois=-3), r"but got -3"),
+    (dict(bridge_rois=2.5), r"but got 2.5"),
+    (dict(bridge_rois=True), r"but got True"),
+    (dict(bridge_rois=16), r"bridge_rois applies to R-CNN students .* but the student is not a torchvision detector"),
+])
+def test_bad_option_values_are_rejected(kw, match):
+    with pytest.raises(InputError, match=match):
+        _tiny(**kw)
+
+
+def test_bridge_rois_for_a_retinanet_student_is_rejected_and_alpha_zero_is_allowed():
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    with pytest.raises(InputError, match=r"bridge_rois applies to R-CNN students .* but the student is a torchvision "
+                                         r"RetinaNet; leave bridge_rois=None"):
+        BridgeDistiller(student, teacher, bridge_rois=64)
+    out = BridgeDistiller(student, teacher, alpha=0).train()(*batch())
+    assert out["distill/mse"].item() == 0.0
+
+
+def _poison_bridge(d):
+    """NaN in the student's head only on the HR canvas: the bridge's detection loss, not the LR one."""
+    def hook(m, inputs, output):
+        return output * float("nan") if inputs[0].shape[-1] >= 16 else output  # LR maps are 8 cells at most
+    d.student.head.register_forward_hook(hook)
+
+
+def test_check_finite_covers_the_bridge_and_lr_terms_and_names_them():
+    d = _tiny(alpha=1.0).train()
+    images, targets = _tiny_batch()
+    d.materialize(images, targets)
+    _poison_bridge(d)
+    with pytest.raises(NonFiniteError, match=r"expected every loss term to be finite, but 'bridge/heat' = nan"):
+        d(images, targets)
+    d.check_finite = "warn"
+    with pytest.warns(UserWarning, match=r"'bridge/heat' = nan"):
+        out = d(images, targets)
+    assert torch.isnan(out["bridge/heat"]) and torch.isfinite(out["lr/heat"])
+    d.check_finite = "off"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isnan(d(images, targets)["bridge/heat"])
+
+
+# --- 5. labels and images, checked before any forward ---------------------------------------------------------
+def _with(targets, i, **changes):
+    out = [dict(t) for t in targets]
+    out[i].update(changes)
+    for k, v in list(out[i].items()):
+        if v is None:
+            del out[i][k]
+    return out
+
+
+@pytest.fixture(scope="module")
+def retina_pair():
+    return _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(labels=None), r"expected targets\[1\] to have 'boxes' and 'labels' .* but it has no \['labels'\]"),
+    (dict(boxes=None), r"expected targets\[1\] to have 'boxes' and 'labels' .* but it has no \['boxes'\]"),
+    (dict(labels=torch.tensor([1, 2], dtype=torch.int32)),
+     r"expected targets\[1\]\['labels'\] to be an int64 tensor of shape \(2,\), one class index per box, but got a "
+     r"torch.int32 tensor of shape \(2,\)"),
+    (dict(labels=torch.tensor([1])), r"int64 tensor of shape \(2,\).* but got a torch.int64 tensor of shape \(1,\)"),
+    (dict(labels=torch.tensor([[1], [2]])), r"but got a torch.int64 tensor of shape \(2, 1\)"),
+    (dict(labels=[1, 2]), r"int64 tensor of shape \(2,\).* but got list"),
+])
+def test_bad_labels_are_named_before_any_forward(retina_pair, change, match):
+    d = BridgeDistiller(*retina_pair, alpha=1e-3).train()
+    images, targets = batch()
+    calls = _forward_count(d.student)
+    with pytest.raises(InputError, match=match):
+        d(images, _with(targets, 1, **change))
+    with pytest.raises(InputError, match=match.replace("targets", "hr_targets")):
+        d(images, targets, hr_images=images, hr_targets=_with(targets, 1, **change))
+    assert not calls
+
+
+@pytest.mark.parametrize("image, match", [
+    ((torch.rand(3, 100, 150) * 255).to(torch.uint8),
+     r"expected images\[0\] to be a floating-point image with values in \[0, 1\], but got torch.uint8; convert it "
+     r"with image.float\(\) / 255"),
+    (torch.rand(100, 150), r"expected images\[0\] to be a C x H x W tensor, but got \(100, 150\)"),
+])
+def test_bad_images_are_named_before_any_forward(retina_pair, image, match):
+    d = BridgeDistiller(*retina_pair, alpha=1e-3).train()
+    images, targets = batch()
+    calls = _forward_count(d.student)
+    with pytest.raises(InputError, match=match):
+        d([image] + images[1:], targets)
+    assert not calls
+
+
+def test_custom_model_batches_are_checked_before_any_forward():
+    d = _tiny(alpha=1.0).train()
+    images, targets = _tiny_batch()
+    calls = _forward_count(d.student)
+    with pytest.raises(InputError, match=r"expected floating-point images to build the HR view with hr_scale, but got "
+                                         r"torch.uint8"):
+        d((images * 255).to(torch.uint8), targets)
+    with pytest.raises(InputError, match=r"expected as many targets as images, but got 2 images and 1 targets"):
+        d(images, targets[:1])
+    d.hr_scale = None
+    with pytest.raises(InputError, match=r"expected hr_images and hr_targets, or BridgeDistiller\(..., hr_scale=...\)"):
+        d(images, targets)
+    assert not calls
+    d(images, [{"boxes": t["boxes"], "labels": "anything"} for t in targets],  # a custom model's own format
+      hr_images=F.interpolate(images, scale_factor=2.0), hr_targets=[{"boxes": t["boxes"] * 2} for t in targets])
+
+
+# --- 6. the HR view -----------------------------------------------------------------------------------------
+def test_hr_view_smaller_than_the_lr_one_is_rejected(retina_pair):
+    images, targets = _tiny_batch()
+    small = F.interpolate(images, scale_factor=0.5)
+    with pytest.raises(InputError, match=r"expected the HR view to be at least as large as the LR images, but image "
+                                         r"0 is 32x32 and its hr_images entry 16x16; were images and hr_images swapped"):
+        _tiny(alpha=1.0).train()(images, targets, hr_images=small, hr_targets=targets)
+    with pytest.raises(InputError, match=r"expected hr_scale >= 1 .* but got 0.5"):
+        _tiny(hr_scale=0.5)
+    with pytest.warns(UserWarning, match=r"hr_scale=1 makes the HR view the LR images themselves"):
+        _tiny(hr_scale=1.0)
+    d = BridgeDistiller(*retina_pair, alpha=1e-3).train()
+    images, targets = batch()
+    with pytest.raises(InputError, match=r"image 0 is 100x150 and its hr_images entry 50x75"):
+        d(images, targets, hr_images=[F.interpolate(x[None], scale_factor=0.5)[0] for x in images],
+          hr_targets=targets)
+
+
+def test_hr_scale_with_torchvision_detectors_is_rejected(retina_pair):
+    with pytest.raises(InputError, match=r"hr_scale applies to custom \(non-torchvision\) models, but got hr_scale=2.0 "
+                                         r"with torchvision detectors, whose HR size is the teacher's transform"):
+        BridgeDistiller(*retina_pair, hr_scale=2.0)
+
+
+def test_hr_scale_and_hr_images_together_warn_once_that_the_explicit_view_wins():
+    d = _tiny(alpha=1.0).train()
+    images, targets = _tiny_batch()
+    hr = F.interpolate(images, scale_factor=3.0, mode="bilinear", align_corners=False)
+    hr_targets = [{"boxes": t["boxes"] * 3} for t in targets]
+    d.materialize(images, targets)
+    with pytest.warns(UserWarning, match=r"hr_images were given, so hr_scale=2 is not used for this batch"):
+        d(images, targets, hr_images=hr, hr_targets=hr_targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d(images, targets, hr_images=hr, hr_targets=hr_targets)
+
+
+@pytest.mark.parametrize("s_size, t_size", [(128, 128), (128, 96)])
+def test_student_at_the_teachers_resolution_or_above_warns(s_size, t_size):
+    student, teacher = _seeded(retinanet, size=s_size), _seeded(retinanet, seed=1, size=t_size)
+    with pytest.warns(UserWarning, match=rf"the student resizes images to min_size={s_size}, max_size={s_size} and the "
+                                         rf"teacher to min_size={t_size}, max_size={t_size}: the student is at the same "
+                                         rf"or a higher resolution"):
+        BridgeDistiller(student, teacher, alpha=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BridgeDistiller(student, _seeded(retinanet, seed=1, size=s_size + 32), alpha=1e-3)
+        BridgeDistiller(student, teacher, alpha=1e-3, hr_source="lr")  # the paper's view: upsampled LR images
+
+
+# --- 7. a neck called once per level --------------------------------------------------------------------------
+class _PerLevelNeck(TinyDetector):
+    """The neck applied to one level at a time: ``[neck(f) for f in feats]``."""
+
+    def __init__(self, neck_channels=16):
+        super().__init__(neck_channels=neck_channels)
+        self.neck = nn.Conv2d(8, neck_channels, 1)
+        self.lift = nn.ModuleList([nn.Identity(), nn.Conv2d(16, 8, 1), nn.Conv2d(32, 8, 1)])
+
+    def forward(self, images, targets=None):
+        feats = [self.neck(lift(f)) for lift, f in zip(self.lift, self.backbone(images))]
+        return {"sq": sum((self.head(f) ** 2).mean() for f in feats)}
+
+
+@pytest.mark.parametrize("bridge", [True, False])
+def test_neck_called_once_per_level_is_named(bridge):
+    torch.manual_seed(0)
+    d = BridgeDistiller(_PerLevelNeck(), _PerLevelNeck(), split_points=TINY_SPLIT, hr_scale=2.0, alpha=1.0,
+                        bridge=bridge).train()
+    with pytest.raises(SplitPointError, match=r"expected the student's neck split point 'neck' to be called once per "
+                                              r"forward, .* but it was called a second time in one forward \(a neck "
+                                              r"applied once per level\?\)"):
+        d(*_tiny_batch())
+    assert not any(m._forward_hooks for m in d.student.modules())
+
+
+# --- 8. loss names ------------------------------------------------------------------------------------------
+def test_loss_names_are_normalised_once(retina_pair):
+    from lrdet_core import RECOMMENDED_ALPHA
+    d = BridgeDistiller(*retina_pair, loss=" MSE ").train()
+    assert d.alpha == RECOMMENDED_ALPHA["mse"] and d.loss_name == "mse"
+    assert "distill/mse" in d(*batch())
+    d = BridgeDistiller(*retina_pair, loss="FGD")
+    assert d.alpha == RECOMMENDED_ALPHA["fgd"] and d.losses["teacher"].preset == "retinanet"
