@@ -478,3 +478,87 @@ def test_loss_names_are_normalised_once(retina_pair):
     assert "distill/mse" in d(*batch())
     d = BridgeDistiller(*retina_pair, loss="FGD")
     assert d.alpha == RECOMMENDED_ALPHA["fgd"] and d.losses["teacher"].preset == "retinanet"
+
+
+# --- 9. inherit across architectures ----------------------------------------------------------------------
+def test_inherit_report_counts_per_module():
+    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128, num_classes=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same architecture: nothing looks mismatched
+        report = inherit_weights(student, teacher)
+    by = report.by_module()
+    names = list(student.state_dict())
+    top = list(dict.fromkeys(n.split(".")[0] for n in names))
+    assert list(by) == top == ["backbone", "head"]
+    skipped = {m[0] for m in report.shape_mismatch}
+    for mod in top:
+        mine = [n for n in names if n.split(".")[0] == mod]
+        assert by[mod].copied == sum(n in report.copied for n in mine)
+        assert by[mod].shape_mismatch == sum(n in skipped for n in mine)
+    assert by["backbone"].shape_mismatch == 0 and by["head"].shape_mismatch == 2  # cls_logits weight and bias
+    params = dict(student.named_parameters())
+    share = sum(p.numel() for n, p in params.items() if n in report.copied) / sum(p.numel() for p in params.values())
+    assert report.copied_share == pytest.approx(share) and 0.5 < share < 1
+    assert (f"backbone: {by['backbone'].copied} copied, 0 other shape, 0 not in teacher; head: {by['head'].copied} "
+            f"copied, 2 other shape, 0 not in teacher") in str(report)
+
+
+def test_inherit_warns_when_most_of_the_student_is_not_copied():
+    student, teacher = TinyDetector(width=8), TinyDetector(width=12)  # every backbone and neck shape differs
+    with pytest.warns(UserWarning, match=r"inherit copied \d+% of the student's parameter values .* the pair looks "
+                                         r"mismatched. Per module: inherited"):
+        report = inherit_weights(student, teacher)
+    assert report.copied_share < 0.5
+
+
+def test_inherit_warns_about_batchnorm_statistics_copied_after_a_skipped_conv():
+    student, teacher = TinyDetector(), TinyDetector()
+    teacher.head[0] = nn.Conv2d(16, 16, 1)  # 1x1 instead of 3x3: same outputs, other shape; its BN still copies
+    with pytest.warns(UserWarning, match=r"copied the BatchNorm statistics of \['head.1'\] but not the convolution "
+                                         r"before each"):
+        report = inherit_weights(student, teacher)
+    assert report.suspicious_bn == ["head.1"] and "head.1.running_mean" in report.copied
+    assert ("head.0.weight", (16, 16, 3, 3), (16, 16, 1, 1)) in report.shape_mismatch
+
+
+# --- alpha="auto" ---------------------------------------------------------------------------------------------
+def test_alpha_auto_balances_each_teacher_term_at_the_first_step_then_stays():
+    rec = _Recorder()
+    teachers = {"a": TinyDetector(neck_channels=24), "b": TinyDetector(neck_channels=16)}
+    d = _tiny(teacher=teachers, loss=rec, alpha="auto", alpha_ratio=0.25)
+    images, targets = _tiny_batch()
+    d.materialize(images, targets)
+    assert d.alphas == {"a": None, "b": None}  # materialize() measures nothing: it may run on a dummy batch
+    with pytest.warns(UserWarning, match=r"alpha='auto' at the first step \(L_det\(LR\) = [\d.]+, alpha_ratio = 0.25\): "
+                                         r"alpha=\S+ for distill.a/custom \(L_FD = \S+\); alpha=\S+ for distill.b/custom"):
+        out = d.train()(images, targets)
+    det = sum(v.item() for k, v in out.items() if k.startswith("lr/"))
+    raw = {"a": rec.calls[-2]["value"], "b": rec.calls[-1]["value"]}
+    alphas = d.alphas
+    for n in ("a", "b"):
+        assert alphas[n] * raw[n].item() == pytest.approx(0.25 * det, rel=1e-12)
+        assert torch.equal(out[f"distill.{n}/custom"], alphas[n] * raw[n])
+    assert alphas["a"] != alphas["b"] and d.auto_alpha.tolist() == [alphas["a"], alphas["b"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once
+        out2 = d(*_tiny_batch(seed=1))
+    assert d.alphas == alphas
+    assert torch.equal(out2["distill.a/custom"], alphas["a"] * rec.calls[-2]["value"])
+
+
+def test_alpha_auto_waits_for_a_positive_term_and_weighs_it_zero_meanwhile():
+    values = iter([0.0, 3.0, 5.0])
+
+    def loss(s, t, ctx):
+        return mse(s[0], t[0]) * 0 + next(values)  # 0 at the first step
+
+    d = _tiny(loss=loss, alpha="auto").train()
+    d.materialize(*_tiny_batch())  # consumes 0.0 without measuring
+    values = iter([0.0, 3.0, 5.0])
+    with pytest.warns(UserWarning, match=r"Not set, the terms are not finite and positive: distill/loss \(L_FD = 0\)"):
+        out = d(*_tiny_batch())
+    assert d.alphas == {"teacher": None} and out["distill/loss"].item() == 0.0
+    with pytest.warns(UserWarning, match=r"alpha=\S+ for distill/loss \(L_FD = 3\)"):
+        out = d(*_tiny_batch())
+    det = out["lr/heat"].item()
+    assert d.alphas["teacher"] == pytest.approx(0.5 * det / 3.0, rel=1e-6)
