@@ -276,6 +276,7 @@ def test_alpha_auto_resumes_bit_identically_without_measuring_again(tmp_path, mo
     teacher = TinyDetector(neck_channels=24)
     teacher.load_state_dict(d.teacher.state_dict())
     d2 = BridgeDistiller(TinyDetector(), teacher, split_points=TINY_SPLIT, hr_scale=2.0, alpha="auto").train()
+    assert d2.alphas == {"teacher": None}
     d2.load_state_dict(ckpt["distiller"])
     opt2 = torch.optim.Adam(d2.parameters(), lr=1e-3)
     opt2.load_state_dict(ckpt["optimizer"])
