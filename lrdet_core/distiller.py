@@ -323,7 +323,6 @@ class BridgeDistiller(nn.Module):
             alpha = RECOMMENDED_ALPHA.get(loss, 1.0) if isinstance(loss, str) else 1.0
         self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)
         self.alpha_ratio = 0.5 if alpha_ratio is None else float(alpha_ratio)
-        self._alpha_values: Optional[List[float]] = None  # python floats of auto_alpha, read once per load
         if alpha == "auto":
             # NaN until measured; a buffer, so that a resumed run restores it instead of measuring again.
             self.register_buffer("auto_alpha", torch.full((len(teachers),), math.nan, dtype=torch.float64))
@@ -420,13 +419,12 @@ class BridgeDistiller(nn.Module):
         return {n: (None if math.isnan(a) else a) for n, a in zip(self._teachers, self._auto_alpha_list())}
 
     def _auto_alpha_list(self) -> List[float]:
-        if self._alpha_values is None:  # one device sync after construction or loading, not one per step
-            self._alpha_values = [float(a) for a in self.auto_alpha.tolist()]
-        return self._alpha_values
+        # Read from the buffer every time (no cached copy): loading a checkpoint or DDP's buffer broadcast
+        # may change it.
+        return [float(a) for a in self.auto_alpha.tolist()]
 
     def _auto_alpha_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         key = f"{prefix}auto_alpha"
-        self._alpha_values = None
         if self.alpha == "auto" and key not in state_dict:
             # A checkpoint of a distiller with a numeric alpha (or from before alpha="auto"): nothing was
             # measured, so alpha is measured at the next training step.
@@ -567,7 +565,6 @@ class BridgeDistiller(nn.Module):
             for i, a in enumerate(new):
                 if math.isnan(alphas[i]) and a is not None:
                     self.auto_alpha[i] = a
-            self._alpha_values = None
             alphas = self._auto_alpha_list()
             self._report_auto_alpha(list(distill), alphas, terms)
         return [0.0 if math.isnan(a) else a for a in alphas]

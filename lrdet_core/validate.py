@@ -7,6 +7,7 @@ wrong thing.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -79,7 +80,7 @@ def warn_if_not_lower_resolution(student: nn.Module, teachers: Mapping[str, nn.M
                           f"{who[n]} to min_size={t_min}, max_size={t_max}: the student is at the same or a higher "
                           f"resolution than the {who[n]}, so there is no high-resolution view to distil from. "
                           f"Build the student with a smaller min_size/max_size (or the teacher with larger ones).",
-                          stacklevel=4)
+                          stacklevel=3)
 
 
 def _transform_size(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
@@ -94,14 +95,14 @@ def _transform_size(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
 def check_alpha(alpha: Any, alpha_ratio: Any) -> None:
     """``alpha``: None, ``"auto"`` or a finite number >= 0; ``alpha_ratio``: with ``"auto"`` only, a number > 0."""
     if alpha is not None and alpha != "auto":
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha < 0:
             raise InputError(f"expected alpha to be a finite number >= 0, 'auto' or None (the loss's recommended "
                              f"value), but got {alpha!r}")
     if alpha_ratio is None:
         return
     if alpha != "auto":
         raise InputError(f"alpha_ratio={alpha_ratio!r} only applies with alpha='auto', but got alpha={alpha!r}")
-    if isinstance(alpha_ratio, bool) or not isinstance(alpha_ratio, (int, float)) or not (
+    if isinstance(alpha_ratio, bool) or not isinstance(alpha_ratio, numbers.Real) or not (
             math.isfinite(alpha_ratio) and alpha_ratio > 0):
         raise InputError(f"expected alpha_ratio to be a finite number > 0 (alpha='auto' sets alpha * L_FD = "
                          f"alpha_ratio * L_det(LR) at the first step), but got {alpha_ratio!r}")
@@ -111,7 +112,7 @@ def check_bridge_rois(bridge_rois: Any, family: Optional[str]) -> None:
     """``bridge_rois``: None, or a positive int for an R-CNN student (the only ones that sample RoIs)."""
     if bridge_rois is None:
         return
-    if isinstance(bridge_rois, bool) or not isinstance(bridge_rois, int) or bridge_rois <= 0:
+    if isinstance(bridge_rois, bool) or not isinstance(bridge_rois, numbers.Integral) or bridge_rois <= 0:
         raise InputError(f"expected bridge_rois to be a positive int (RoIs sampled per image in the bridge pass) "
                          f"or None, but got {bridge_rois!r}")
     if family != "GeneralizedRCNN":
@@ -128,7 +129,7 @@ def check_hr_scale(hr_scale: Any, torchvision: bool) -> None:
         raise InputError(f"hr_scale applies to custom (non-torchvision) models, but got hr_scale={hr_scale!r} with "
                          f"torchvision detectors, whose HR size is the teacher's transform (min_size/max_size): "
                          f"set those on the teacher and drop hr_scale")
-    if isinstance(hr_scale, bool) or not isinstance(hr_scale, (int, float)) or not math.isfinite(hr_scale) or (
+    if isinstance(hr_scale, bool) or not isinstance(hr_scale, numbers.Real) or not math.isfinite(hr_scale) or (
             hr_scale <= 0):
         raise InputError(f"expected hr_scale to be a positive number, but got {hr_scale!r}")
     if hr_scale < 1:
@@ -136,7 +137,7 @@ def check_hr_scale(hr_scale: Any, torchvision: bool) -> None:
                          f"which makes the HR view smaller than the LR one")
     if hr_scale == 1:
         warnings.warn("LRDet: hr_scale=1 makes the HR view the LR images themselves; the teacher sees no more "
-                      "detail than the student", stacklevel=4)
+                      "detail than the student", stacklevel=3)
 
 
 # --- batches ------------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def test_teachers_sharing_with_each_other_but_not_with_the_student_are_fine():
 class _TwoAtOneStride(nn.Module):
     """A custom detector whose backbone levels '0' (3x3 conv, stride 2, padding 1: ceil(H/2) cells) and '1'
     (2x2 average pool, then 1x1 conv: floor(H/2) cells) share stride 2; on an odd canvas they differ by one
-    cell. ``names`` are the neck's output keys, one per backbone level (a third level repeats the first)."""
+    cell. ``names`` are the neck's output keys, one per backbone level (a third level repeats the first; a
+    fourth has stride 4)."""
 
     def __init__(self, names=("a", "b"), c=4):
         super().__init__()
@@ -117,7 +118,8 @@ class _TwoAtOneStride(nn.Module):
 class _TwoBackbone(nn.Module):
     def __init__(self, n, c):
         super().__init__()
-        self.conv = nn.ModuleList(nn.Conv2d(3, c, 3, 2, 1) if i != 1 else nn.Conv2d(3, c, 1) for i in range(n))
+        self.conv = nn.ModuleList(nn.Conv2d(3, c, 1) if i == 1 else nn.Conv2d(3, c, 3, 4 if i == 3 else 2, 1)
+                                  for i in range(n))
 
     def forward(self, x):
         return [conv(F.avg_pool2d(x, 2) if i == 1 else x) for i, conv in enumerate(self.conv)]
@@ -182,12 +184,12 @@ def test_levels_at_one_stride_pair_by_name_else_by_order(teacher_names, expected
 
 def test_level_map_says_which_levels_to_pair_where_no_rule_can():
     torch.manual_seed(0)
-    student, teacher = _TwoAtOneStride(("a", "b")), _TwoAtOneStride(("x", "y", "z"))
+    student, teacher = _TwoAtOneStride(("a", "b")), _TwoAtOneStride(("x", "y", "z", "w"))  # 'w': stride 4
     with pytest.raises(LevelMatchError, match=r"cannot tell which levels to pair at stride 2: the student has "
                                               r"\['a', 'b'\] and the teacher has \['x', 'y', 'z'\]\. Pass level_map="):
         _run_custom(student, teacher, _odd_hr_batch())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # 'x' is left out on purpose: no "no partner" warning
+        warnings.simplefilter("error")  # 'x' and 'w' (stride 4) are left out on purpose: no "no partner" warning
         call, direct = _run_custom(student, teacher, _odd_hr_batch(), level_map={"a": "z", "b": "y"})
     assert call["ctx"].level_names == ["z", "y"] and call["ctx"].strides == [2, 2]
     assert torch.equal(call["t"][0], direct["z"]) and torch.equal(call["t"][1], direct["y"])
@@ -562,3 +564,9 @@ def test_alpha_auto_waits_for_a_positive_term_and_weighs_it_zero_meanwhile():
         out = d(*_tiny_batch())
     det = out["lr/heat"].item()
     assert d.alphas["teacher"] == pytest.approx(0.5 * det / 3.0, rel=1e-6)
+
+
+def test_numpy_scalars_are_numbers_too():
+    np = pytest.importorskip("numpy")
+    assert _tiny(alpha=np.float32(0.5)).alpha == 0.5
+    assert _tiny(alpha="auto", alpha_ratio=np.float32(0.25), hr_scale=np.float32(2.0)).alpha_ratio == 0.25
