@@ -18,7 +18,7 @@ import copy
 import math
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,14 @@ from .losses import loss_name as canonical_loss_name
 from .paths import get_module, swapped
 
 LossSpec = Union[str, nn.Module, Callable[..., Tensor]]
+
+
+class _LevelSize(NamedTuple):
+    """A teacher backbone level as the bridge needs it: name, stride and HR size."""
+
+    key: str
+    stride: int
+    size: Tuple[int, int]
 
 
 class _StopForward(Exception):
@@ -647,9 +655,10 @@ class BridgeDistiller(nn.Module):
         def on_backbone(mod, inputs, output):
             rec["canvas"] = _canvas_of(inputs[0] if inputs else None, where)
             feats = _Feats(output, where)
-            # Per level, not per stride: MobileNetV3 backbones return two levels at stride 32.
-            rec["backbone_levels"] = [Level(k, self._stride(f"{who} backbone", k, rec["canvas"], t), t)
-                                      for k, t in zip(feats.keys, feats.tensors)]
+            # Per level, not per stride: MobileNetV3 backbones return two levels at stride 32. Sizes only:
+            # holding the teacher's HR backbone maps through the bridge pass would cost memory.
+            rec["backbone_levels"] = [_LevelSize(k, self._stride(f"{who} backbone", k, rec["canvas"], t),
+                                                 tuple(t.shape[-2:])) for k, t in zip(feats.keys, feats.tensors)]
 
         def on_neck(mod, inputs, output):
             rec["neck"] = _Feats(output, f"{who}'s neck split point {sp.neck!r}")
@@ -776,13 +785,13 @@ class BridgeDistiller(nn.Module):
         return losses, rec["neck"]
 
     def _replay_sizes(self, feats: "_Feats", lr_canvas: Tuple[int, int],
-                      teacher_levels: Sequence[Level]) -> List[Optional[Tuple[int, int]]]:
+                      teacher_levels: Sequence["_LevelSize"]) -> List[Optional[Tuple[int, int]]]:
         """The HR size of each student backbone level: the teacher's backbone level at its stride.
 
         Chosen per level, not per stride: where several levels share a stride (MobileNetV3), the teacher's
         level of the same name, else the one in the same place among that stride's levels.
         """
-        at: Dict[int, List[Level]] = {}
+        at: Dict[int, List[_LevelSize]] = {}
         for lv in teacher_levels:
             at.setdefault(lv.stride, []).append(lv)
         seen: Dict[int, int] = {}
@@ -793,7 +802,7 @@ class BridgeDistiller(nn.Module):
             cands = at.get(s, [])
             same = [lv for lv in cands if lv.key == k]
             pick = same[0] if same else (cands[min(i, len(cands) - 1)] if cands else None)
-            sizes.append(None if pick is None else tuple(pick.tensor.shape[-2:]))
+            sizes.append(None if pick is None else pick.size)
         return sizes
 
     def _upsampled_lr_neck(self, lr: Dict[str, Any], hr: Dict[str, Any]) -> "_Feats":
@@ -873,7 +882,7 @@ class BridgeDistiller(nn.Module):
         x = torch.zeros(1, 3, 256, 256, device=next(self.student.parameters()).device)
 
         def neck_of(model: nn.Module, side: str, sp: SplitPoints) -> _Feats:
-            was, rec = model.training, {}
+            was = model.training
 
             def on_backbone(mod: nn.Module, inputs: Any, output: Any) -> None:
                 feats = _Feats(output, f"{side}'s backbone probe")

@@ -45,8 +45,8 @@ class InheritReport:
 
         Example:
             >>> r = InheritReport(copied=["backbone.w", "backbone.b"], shape_mismatch=[("head.w", (2,), (3,))])
-            >>> r.by_module()
-            {'backbone': ModuleCounts(copied=2, shape_mismatch=0, missing_in_teacher=0), 'head': ModuleCounts(copied=0, shape_mismatch=1, missing_in_teacher=0)}
+            >>> r.by_module()["head"]
+            ModuleCounts(copied=0, shape_mismatch=1, missing_in_teacher=0)
         """
         counts: Dict[str, List[int]] = {}
         groups = (self.copied, [m[0] for m in self.shape_mismatch], self.missing_in_teacher)

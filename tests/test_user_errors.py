@@ -1,6 +1,5 @@
 """A new user's mistakes (issue 10 B) and ``alpha="auto"`` (issue 10 D): each works, or raises an
 LRDetError naming what was expected and what arrived, before anything is frozen or any forward runs."""
-import math
 import warnings
 from collections import OrderedDict
 
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrdet_core import (BridgeDistiller, InputError, LevelMatchError, LRDetError, NonFiniteError, SplitPointError,
+from lrdet_core import (BridgeDistiller, InputError, LevelMatchError, NonFiniteError, SplitPointError,
                         SplitPoints, inherit_weights)
 from lrdet_core.losses import mse
 from tiny import TinyDetector, batch, faster_rcnn, retinanet
@@ -199,7 +198,8 @@ def test_level_map_says_which_levels_to_pair_where_no_rule_can():
 
 
 @pytest.mark.parametrize("level_map, error, match", [
-    ({"c": "x"}, LevelMatchError, r"level_map names student level\(s\) \['c'\], but the student's neck has \['a', 'b'\]"),
+    ({"c": "x"}, LevelMatchError,
+     r"level_map names student level\(s\) \['c'\], but the student's neck has \['a', 'b'\]"),
     ({"a": "w"}, LevelMatchError, r"teacher level\(s\) \['w'\], but the teacher's neck has \['x', 'y', 'z'\]"),
     ({"a": "x", "b": "x"}, InputError, r"pairs the teacher's level 'x' with the student's levels 'a' and 'b'"),
     ({"t9": {"a": "x"}}, InputError, r"level_map names teacher\(s\) \['t9'\], but the teachers are \['teacher'\]"),
@@ -400,8 +400,9 @@ def test_custom_model_batches_are_checked_before_any_forward():
 def test_hr_view_smaller_than_the_lr_one_is_rejected(retina_pair):
     images, targets = _tiny_batch()
     small = F.interpolate(images, scale_factor=0.5)
-    with pytest.raises(InputError, match=r"expected the HR view to be at least as large as the LR images, but image "
-                                         r"0 is 32x32 and its hr_images entry 16x16; were images and hr_images swapped"):
+    with pytest.raises(InputError, match=r"expected the HR view to be at least as large as the LR images, but "
+                                         r"image 0 is 32x32 and its hr_images entry 16x16; were images and "
+                                         r"hr_images swapped"):
         _tiny(alpha=1.0).train()(images, targets, hr_images=small, hr_targets=targets)
     with pytest.raises(InputError, match=r"expected hr_scale >= 1 .* but got 0.5"):
         _tiny(hr_scale=0.5)
@@ -436,9 +437,9 @@ def test_hr_scale_and_hr_images_together_warn_once_that_the_explicit_view_wins()
 @pytest.mark.parametrize("s_size, t_size", [(128, 128), (128, 96)])
 def test_student_at_the_teachers_resolution_or_above_warns(s_size, t_size):
     student, teacher = _seeded(retinanet, size=s_size), _seeded(retinanet, seed=1, size=t_size)
-    with pytest.warns(UserWarning, match=rf"the student resizes images to min_size={s_size}, max_size={s_size} and the "
-                                         rf"teacher to min_size={t_size}, max_size={t_size}: the student is at the same "
-                                         rf"or a higher resolution"):
+    with pytest.warns(UserWarning, match=rf"the student resizes images to min_size={s_size}, max_size={s_size} and "
+                                         rf"the teacher to min_size={t_size}, max_size={t_size}: the student is at "
+                                         rf"the same or a higher resolution"):
         BridgeDistiller(student, teacher, alpha=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -531,8 +532,9 @@ def test_alpha_auto_balances_each_teacher_term_at_the_first_step_then_stays():
     images, targets = _tiny_batch()
     d.materialize(images, targets)
     assert d.alphas == {"a": None, "b": None}  # materialize() measures nothing: it may run on a dummy batch
-    with pytest.warns(UserWarning, match=r"alpha='auto' at the first step \(L_det\(LR\) = [\d.]+, alpha_ratio = 0.25\): "
-                                         r"alpha=\S+ for distill.a/custom \(L_FD = \S+\); alpha=\S+ for distill.b/custom"):
+    with pytest.warns(UserWarning, match=r"alpha='auto' at the first step \(L_det\(LR\) = [\d.]+, alpha_ratio = "
+                                         r"0.25\): alpha=\S+ for distill.a/custom \(L_FD = \S+\); alpha=\S+ for "
+                                         r"distill.b/custom"):
         out = d.train()(images, targets)
     det = sum(v.item() for k, v in out.items() if k.startswith("lr/"))
     raw = {"a": rec.calls[-2]["value"], "b": rec.calls[-1]["value"]}
