@@ -18,21 +18,33 @@ import copy
 import math
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate
 from .adapters import SplitPoints, resolve_split_points, torchvision_family
 from .align import resample_to_hr
+from .balance import auto_alphas
 from .context import DistillContext, level_stride
-from .errors import InputError, LevelMatchError, NonFiniteError, SplitPointError
+from .errors import InputError, NonFiniteError, SplitPointError
 from .inherit import InheritReport, inherit_weights
+from .levels import Level, LevelMap, LevelPair, normalize_level_map, pair_levels, unpaired_strides
 from .losses import RECOMMENDED_ALPHA, build_loss
+from .losses import loss_name as canonical_loss_name
 from .paths import get_module, swapped
 
 LossSpec = Union[str, nn.Module, Callable[..., Tensor]]
+
+
+class _LevelSize(NamedTuple):
+    """A teacher backbone level as the bridge needs it: name, stride and HR size."""
+
+    key: str
+    stride: int
+    size: Tuple[int, int]
 
 
 class _StopForward(Exception):
@@ -160,33 +172,39 @@ def _who(tname: str) -> str:
     return "teacher" if tname == _SINGLE else f"teacher {tname!r}"
 
 
-def _check_boxes(targets: Any, where: str) -> None:
-    """Reject boxes that no detection loss can use, naming the image and the box.
+def _input_cast_to(model: nn.Module) -> Callable:
+    """A forward pre-hook casting a floating first input to ``model``'s dtype.
 
-    torchvision checks only ``x2 > x1`` and ``y2 > y1`` and does so with ``torch._assert`` deep inside
-    its forward (an AssertionError after the LR pass); NaN boxes pass it and poison the losses.
-    Boxes partly or wholly outside the image are allowed: detectors and FGD's masks clip them.
+    A teacher cast to bf16/fp16/fp64 to save memory still receives the student's fp32 batch; its
+    backbone (the split point, which takes the image batch) gets it in its own dtype, and the teacher
+    runs with autocast off.
     """
-    if not isinstance(targets, (list, tuple)):
-        return  # a custom model's own target format
-    for i, t in enumerate(targets):
-        if not isinstance(t, Mapping):
-            raise InputError(f"expected {where}[{i}] to be a dict with 'boxes', but got {type(t).__name__}")
-        b = t.get("boxes")
-        if b is None:
-            continue
-        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:
-            got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-            raise InputError(f"expected {where}[{i}]['boxes'] to be a (K, 4) tensor of x1, y1, x2, y2 "
-                             f"(K may be 0), but got {got}")
-        if not b.numel():
-            continue
-        bad = ~(torch.isfinite(b).all(dim=1) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
-        if bool(bad.any()):
-            j = int(bad.nonzero()[0, 0])
-            raise InputError(f"expected every box to be finite with x2 > x1 and y2 > y1, but "
-                             f"{where}[{i}]['boxes'][{j}] is {[round(float(v), 4) for v in b[j]]} "
-                             f"({int(bad.sum())} bad box(es) in image {i}); drop or fix degenerate boxes")
+    dtype = validate.dtype_of(model)
+
+    def cast(mod: nn.Module, inputs: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
+        x = inputs[0] if inputs else None
+        if dtype is None or not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == dtype:
+            return None
+        return (x.to(dtype),) + tuple(inputs[1:])
+    return cast
+
+
+def _neck_recorder(rec: Dict[str, Any], where: str, keep: bool = True) -> Callable:
+    """A forward hook that records a neck's output and rejects a neck called more than once per forward.
+
+    A neck called once per level (``[neck(f) for f in feats]``) would leave one level per call; the
+    distiller would keep one of them and then blame the strides.
+    """
+    def on_neck(mod: nn.Module, inputs: Any, output: Any) -> None:
+        rec["neck_calls"] = rec.get("neck_calls", 0) + 1
+        if rec["neck_calls"] > 1:
+            raise SplitPointError(f"expected the {where} to be called once per forward, taking every backbone level "
+                                  f"and returning every neck level, but it was called a second time in one forward "
+                                  f"(a neck applied once per level?). Point the split point at a module that wraps "
+                                  f"the per-level calls, or wrap them in one nn.Module")
+        if keep:
+            rec["neck"] = _Feats(output, where)
+    return on_neck
 
 
 def _copy_targets(targets: Optional[List[Dict[str, Tensor]]]) -> Optional[List[Dict[str, Tensor]]]:
@@ -210,11 +228,15 @@ class BridgeDistiller(nn.Module):
             ``(student_feats, teacher_feats, ctx) -> Tensor``. Each teacher gets its own instance.
         loss_kwargs: constructor arguments of a named loss, e.g. ``{"reduction": "mean"}``. For ``"fgd"``
             the preset defaults to the student's torchvision family (retinanet, fcos or rcnn).
-        alpha: weight of the distillation term; ``None`` takes the recommended value of a named loss
-            (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable. With the
-            default, the first step warns if ``alpha * L_FD`` is over 100x (or under 1/100) the LR
+        alpha: weight of the distillation term, a finite number >= 0; ``None`` takes the recommended value
+            of a named loss (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable.
+            With the default, the first step warns if ``alpha * L_FD`` is over 100x (or under 1/100) the LR
             detection loss and suggests the alpha that balances them: summed losses scale with the
-            model's feature size and magnitude.
+            model's feature size and magnitude. ``"auto"``: measured at the first training step so that
+            ``alpha * L_FD = alpha_ratio * L_det(LR)``, one alpha per teacher, the same on every DDP rank
+            (the terms are averaged over ranks), kept in ``state_dict()`` (buffer ``auto_alpha``) so that a
+            resumed run does not re-measure; ``materialize()`` does not measure it. See :attr:`alphas`.
+        alpha_ratio: with ``alpha="auto"``: the target ``alpha * L_FD / L_det(LR)``; default 0.5.
         inherit: initialise the student from the (first) teacher where names and shapes match (Sec. 3.2).
         bridge: ``False`` gives the conventional "upsample" distillation of Table 1 instead: the LR neck
             outputs are resampled to the teacher's sizes and distilled directly, with no bridge branch.
@@ -223,10 +245,15 @@ class BridgeDistiller(nn.Module):
             detail it was trained on. ``"lr"``: the images are first resized to the student's LR size and
             then upsampled by the teacher's transform, as in the paper (which had only LR images).
         hr_scale: for non-torchvision detectors without explicit ``hr_images``: the HR view is the
-            images bilinearly resized by this factor, with ``boxes`` scaled by it.
-        bridge_rois: R-CNN students only: RoIs sampled per image in the bridge pass (the RoI heads
-            dominate its cost); ``None`` keeps the student's own setting.
-        check_finite: ``"raise"`` (default) | ``"warn"`` | ``"off"`` for a NaN/Inf distillation term.
+            images bilinearly resized by this factor (>= 1), with ``boxes`` scaled by it. An error for
+            torchvision detectors, whose HR size is the teacher's transform.
+        bridge_rois: R-CNN students only: a positive number of RoIs sampled per image in the bridge pass
+            (the RoI heads dominate its cost); ``None`` keeps the student's own setting.
+        check_finite: ``"raise"`` (default) | ``"warn"`` | ``"off"`` for a NaN/Inf term (any returned key).
+        level_map: which student neck level is distilled towards which teacher level, where pairing by
+            stride cannot tell: ``{student_level: teacher_level}`` (for every teacher) or ``{teacher_name:
+            {student_level: teacher_level}}``. Only the pairs named are distilled. Without it, levels pair
+            by stride; several levels at one stride (MobileNetV3 FPNs) pair by name, else by order.
         hr_det_weight: weight of the bridge's detection loss ``L_det(HR)`` (1.0, the paper's objective).
             0 keeps the bridge pass, whose neck output is still distilled, but trains nothing with HR
             boxes: with ``alpha=0`` instead, the two terms of the bridge can be ablated one at a time.
@@ -254,6 +281,7 @@ class BridgeDistiller(nn.Module):
                  loss: LossSpec = "mse", alpha: Optional[float] = None, inherit: bool = False, bridge: bool = True,
                  hr_source: str = "teacher", hr_scale: Optional[float] = None, bridge_rois: Optional[int] = None,
                  check_finite: str = "raise", loss_kwargs: Optional[Mapping[str, Any]] = None,
+                 alpha_ratio: Optional[float] = None, level_map: Optional[LevelMap] = None,
                  hr_det_weight: float = 1.0):
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -262,12 +290,18 @@ class BridgeDistiller(nn.Module):
         teachers = self._as_teacher_dict(teacher)
         if any(t is student for t in teachers.values()):
             raise InputError("the teacher must be a separate model from the student (it is frozen)")
+        validate.check_not_shared(student, teachers, {n: _who(n) for n in teachers})  # before anything is frozen
         if hr_source not in ("teacher", "lr"):
             raise InputError(f"expected hr_source to be 'teacher' or 'lr', but got {hr_source!r}")
         if check_finite not in ("raise", "warn", "off"):
             raise InputError(f"expected check_finite to be 'raise', 'warn' or 'off', but got {check_finite!r}")
-        if hr_scale is not None and not (isinstance(hr_scale, (int, float)) and hr_scale > 0):
-            raise InputError(f"expected hr_scale to be a positive number, but got {hr_scale!r}")
+        validate.check_alpha(alpha, alpha_ratio)
+        validate.check_bridge_rois(bridge_rois, torchvision_family(student))
+        validate.check_hr_scale(hr_scale, torchvision_family(student) is not None)
+        validate.check_hr_det_weight(hr_det_weight)
+        if isinstance(loss, str):
+            loss = canonical_loss_name(loss)  # once: alpha, the FGD preset and the loss key all use this name
+        self._level_map = normalize_level_map(level_map, list(teachers), {n: _who(n) for n in teachers})
 
         self.split_points = resolve_split_points(student, split_points, "student")
         # A custom teacher is cut where the student is, unless it has split points of its own.
@@ -284,11 +318,11 @@ class BridgeDistiller(nn.Module):
         if self.torchvision != all(torchvision_family(t) is not None for t in teachers.values()):
             raise InputError("expected the student and the teacher(s) to be both torchvision detectors or both "
                              "custom models, because the HR view is built differently for each")
-        if not (isinstance(hr_det_weight, (int, float)) and math.isfinite(hr_det_weight) and hr_det_weight >= 0):
-            raise InputError(f"expected hr_det_weight to be a finite number >= 0, but got {hr_det_weight!r}")
         self.bridge, self.hr_source, self.hr_scale = bridge, hr_source, hr_scale
         self.hr_det_weight = float(hr_det_weight)
         self.bridge_rois, self.check_finite = bridge_rois, check_finite
+        if self.torchvision and hr_source == "teacher":
+            validate.warn_if_not_lower_resolution(student, teachers, {n: _who(n) for n in teachers})
 
         # The teachers are kept out of the module tree: no gradients, not in state_dict(), not in
         # parameters(), and distiller.train() cannot reach them.
@@ -301,7 +335,12 @@ class BridgeDistiller(nn.Module):
         alpha_given = alpha is not None  # a user-chosen alpha is not second-guessed
         if alpha is None:
             alpha = RECOMMENDED_ALPHA.get(loss, 1.0) if isinstance(loss, str) else 1.0
-        self.alpha = float(alpha)
+        self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)
+        self.alpha_ratio = 0.5 if alpha_ratio is None else float(alpha_ratio)
+        if alpha == "auto":
+            # NaN until measured; a buffer, so that a resumed run restores it instead of measuring again.
+            self.register_buffer("auto_alpha", torch.full((len(teachers),), math.nan, dtype=torch.float64))
+        self._register_load_state_dict_pre_hook(self._auto_alpha_from_state_dict)
         self.losses = nn.ModuleDict()
         self._callable_losses: Dict[str, Callable] = {}
         loss_kwargs = dict(loss_kwargs or {})
@@ -320,6 +359,7 @@ class BridgeDistiller(nn.Module):
         self.projectors = nn.ModuleDict()  # 1x1 convs for levels whose channel counts differ
         self._reported: set = set()
         self._balance_checked = alpha_given
+        self._reported_hr_scale = False
         self._materializing = False
         self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
 
@@ -375,11 +415,39 @@ class BridgeDistiller(nn.Module):
         return self
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "BridgeDistiller":
+        kept = self._buffers.get("auto_alpha")
         super()._apply(fn, recurse)
+        if kept is not None:  # .half()/.bfloat16() move alpha along but must not round it
+            self.auto_alpha = kept.to(device=self.auto_alpha.device)
         for t in self._teachers.values():  # .to()/.cuda()/.float() move the teacher along
             t._apply(fn, recurse)
             t.requires_grad_(False)
         return self
+
+    @property
+    def alphas(self) -> Dict[str, Optional[float]]:
+        """The weight of each teacher's distillation term by teacher name; with ``alpha="auto"``, ``None``
+        until the first training step has measured it."""
+        if self.alpha != "auto":
+            return {n: float(self.alpha) for n in self._teachers}
+        return {n: (None if math.isnan(a) else a) for n, a in zip(self._teachers, self._auto_alpha_list())}
+
+    def _auto_alpha_list(self) -> List[float]:
+        # Read from the buffer every time (no cached copy): loading a checkpoint or DDP's buffer broadcast
+        # may change it.
+        return [float(a) for a in self.auto_alpha.tolist()]
+
+    def _auto_alpha_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        key = f"{prefix}auto_alpha"
+        if self.alpha == "auto" and key not in state_dict:
+            # A checkpoint of a distiller with a numeric alpha (or from before alpha="auto"): nothing was
+            # measured, so alpha is measured at the next training step.
+            state_dict[key] = torch.full_like(self.auto_alpha, math.nan)
+        elif self.alpha != "auto" and key in state_dict:
+            warnings.warn(f"LRDet: the checkpoint holds alpha='auto' values {state_dict[key].tolist()}, but this "
+                          f"distiller has alpha={self.alpha:g}, which is used; build it with alpha='auto' to "
+                          f"resume with the measured values", stacklevel=4)
+            del state_dict[key]
 
     def _projectors_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # A custom model's projectors are created at its first step; a checkpoint loaded into a fresh
@@ -436,24 +504,13 @@ class BridgeDistiller(nn.Module):
         """
         if not self.training:
             return self.student(images)
-        if targets is None:
-            raise InputError("expected targets in training mode, but got None")
-        if isinstance(images, (list, tuple)) and len(images) != len(targets):
-            raise InputError(f"expected as many targets as images, but got {len(images)} images and "
-                             f"{len(targets)} targets")
-        _check_boxes(targets, "targets")
-        if hr_targets is not None:
-            _check_boxes(hr_targets, "hr_targets")
-        if (hr_images is None) != (hr_targets is None):
-            raise InputError("expected hr_images and hr_targets together, but got only "
-                             f"{'hr_images' if hr_targets is None else 'hr_targets'}")
-        if hr_images is not None and isinstance(hr_images, (list, tuple)) and len(hr_images) != len(targets):
-            raise InputError(f"expected as many hr_images as images, but got {len(hr_images)} and {len(targets)}")
+        self._check_batch(images, targets, hr_images, hr_targets)
         for t in self._teachers.values():
             t.eval()
 
         lr = self._student_pass(images, targets)
         out = {f"lr/{k}": v for k, v in lr["losses"].items()}
+        distill: Dict[str, Tensor] = {}  # unweighted L_FD per teacher; alpha is applied once all are known
         for tname, teacher in self._teachers.items():
             hr = self._teacher_pass(tname, teacher, images, targets, hr_images, hr_targets, lr)
             if self.bridge:
@@ -462,11 +519,85 @@ class BridgeDistiller(nn.Module):
                 out.update({self._key("bridge", tname, k): v if w == 1.0 else w * v for k, v in bridge_losses.items()})
             else:
                 s_feats = self._upsampled_lr_neck(lr, hr)
-            out[self._key("distill", tname, self.loss_name)] = self.alpha * self._distill(tname, s_feats, hr)
+            distill[tname] = out[self._key("distill", tname, self.loss_name)] = self._distill(tname, s_feats, hr)
+        self._check_terms_finite(out, skip={self._key("distill", t, self.loss_name) for t in distill})
+        for tname, alpha in zip(distill, self._step_alphas(out, distill)):
+            out[self._key("distill", tname, self.loss_name)] = alpha * distill[tname]
         if not self._balance_checked:
             self._balance_checked = True
             self._check_balance(out)
         return out
+
+    def _check_batch(self, images: Any, targets: Any, hr_images: Any, hr_targets: Any) -> None:
+        """Every check of the batch that can run before a forward, so torch's errors never arrive mid-step."""
+        if targets is None:
+            raise InputError("expected targets in training mode, but got None")
+        validate.check_images(images, len(targets), "images", self.torchvision)
+        validate.check_targets(targets, "targets", self.torchvision)
+        if (hr_images is None) != (hr_targets is None):
+            raise InputError("expected hr_images and hr_targets together, but got only "
+                             f"{'hr_images' if hr_targets is None else 'hr_targets'}")
+        if hr_images is None:
+            if not self.torchvision and self.hr_scale is None:
+                raise InputError("expected hr_images and hr_targets, or BridgeDistiller(..., hr_scale=...) to build "
+                                 "them, for a model that is not a torchvision detector; got neither")
+            if not self.torchvision:
+                validate.check_float_images(images, "images")
+            return
+        validate.check_images(hr_images, len(targets), "hr_images", self.torchvision)
+        validate.check_targets(hr_targets, "hr_targets", self.torchvision)
+        validate.check_hr_not_smaller(images, hr_images)
+        if self.hr_scale is not None and not self._reported_hr_scale:
+            self._reported_hr_scale = True
+            warnings.warn(f"LRDet: hr_images were given, so hr_scale={self.hr_scale:g} is not used for this batch "
+                          f"(the explicit HR view wins whenever it is passed)", stacklevel=3)
+
+    def _check_terms_finite(self, out: Mapping[str, Tensor], skip: Any) -> None:
+        """``check_finite`` for the detection terms (the distillation terms are checked per level in _distill)."""
+        keys = [k for k, v in out.items() if k not in skip and isinstance(v, Tensor)]
+        if self.check_finite == "off" or not keys:
+            return
+        finite = torch.stack([torch.isfinite(out[k].detach()).all() for k in keys])
+        if bool(finite.all()):  # one device sync for all terms
+            return
+        bad = [f"{k!r} = {out[k].detach().float().mean().item()}" for k, ok in zip(keys, finite.tolist()) if not ok]
+        msg = (f"expected every loss term to be finite, but {', '.join(bad)}; the LR and bridge terms are the "
+               f"student's own detection losses on this batch (check its learning rate and the batch's boxes)")
+        if self.check_finite == "raise":
+            raise NonFiniteError(msg)
+        warnings.warn("LRDet: " + msg, stacklevel=3)
+
+    def _step_alphas(self, out: Mapping[str, Tensor], distill: Mapping[str, Tensor]) -> List[float]:
+        """The weight of each teacher's term at this step; with ``alpha="auto"``, measured once."""
+        if self.alpha != "auto":
+            return [float(self.alpha)] * len(distill)
+        alphas = self._auto_alpha_list()
+        if any(math.isnan(a) for a in alphas) and not self._materializing:
+            # Not under materialize(): it may run on any batch (even a dummy one) and must change nothing but
+            # the new parameters; alpha is measured on the first real training step.
+            det = sum((v.detach() for k, v in out.items() if k.startswith("lr/")), torch.zeros(()))
+            new, terms = auto_alphas(det, list(distill.values()), self.alpha_ratio)
+            for i, a in enumerate(new):
+                if math.isnan(alphas[i]) and a is not None:
+                    self.auto_alpha[i] = a
+            alphas = self._auto_alpha_list()
+            self._report_auto_alpha(list(distill), alphas, terms)
+        return [0.0 if math.isnan(a) else a for a in alphas]
+
+    def _report_auto_alpha(self, tnames: List[str], alphas: List[float], terms: List[float]) -> None:
+        keys = [self._key("distill", t, self.loss_name) for t in tnames]
+        world = torch.distributed.get_world_size() if (
+            torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+        over = f", averaged over {world} ranks" if world > 1 else ""
+        done = [f"alpha={a:.6g} for {k} (L_FD = {t:.6g})" for k, a, t in zip(keys, alphas, terms[1:])
+                if not math.isnan(a)]
+        todo = [f"{k} (L_FD = {t:.6g})" for k, a, t in zip(keys, alphas, terms[1:]) if math.isnan(a)]
+        msg = (f"LRDet: alpha='auto' at the first step (L_det(LR) = {terms[0]:.6g}{over}, alpha_ratio = "
+               f"{self.alpha_ratio:g}): {'; '.join(done) or 'nothing set'}")
+        if todo:
+            msg += (f". Not set, the terms are not finite and positive: {', '.join(todo)}; these are weighted by 0 "
+                    f"at this step and measured again at the next")
+        warnings.warn(msg, stacklevel=4)
 
     @torch.no_grad()
     def _check_balance(self, out: Mapping[str, Tensor]) -> None:
@@ -485,7 +616,8 @@ class BridgeDistiller(nn.Module):
                 warnings.warn(f"LRDet: at the first step {k} = {v:.4g} is {ratio:.3g} times the LR detection "
                               f"loss ({det:.4g}) with alpha={self.alpha:g}. alpha={self.alpha / ratio:.3g} would make "
                               f"them equal; a distillation term within ~0.1-10x of the detection loss is the usual "
-                              f"regime. Set alpha explicitly to silence this.", stacklevel=3)
+                              f"regime. Set alpha explicitly to silence this, or alpha='auto' to measure it at the "
+                              f"first step.", stacklevel=3)
 
     # ---------------------------------------------------------------------------------------------
     def _student_pass(self, images: Any, targets: List[Dict[str, Tensor]]) -> Dict[str, Any]:
@@ -500,16 +632,13 @@ class BridgeDistiller(nn.Module):
             # change the tensors the bridge reads later.
             return feats.rebuild([t.clone() for t in feats.tensors])
 
-        def on_neck(mod, inputs, output):
-            rec["neck"] = _Feats(output, f"student's neck split point {sp.neck!r}")
-
         def on_transform(mod, inputs, output):
             rec["image_list"], rec["targets"] = output
 
         with ExitStack() as stack:
             stack.enter_context(_hook(get_module(self.student, sp.backbone), on_backbone))
-            if not self.bridge:
-                stack.enter_context(_hook(get_module(self.student, sp.neck), on_neck))
+            stack.enter_context(_hook(get_module(self.student, sp.neck), _neck_recorder(
+                rec, f"student's neck split point {sp.neck!r}", keep=not self.bridge)))
             if self.torchvision:
                 stack.enter_context(_hook(self.student.transform, on_transform))
             losses = self.student(images, targets)
@@ -533,8 +662,10 @@ class BridgeDistiller(nn.Module):
         def on_backbone(mod, inputs, output):
             rec["canvas"] = _canvas_of(inputs[0] if inputs else None, where)
             feats = _Feats(output, where)
-            rec["backbone_sizes"] = {level_stride(rec["canvas"], t.shape[-2:]): tuple(t.shape[-2:])
-                                     for t in feats.tensors}
+            # Per level, not per stride: MobileNetV3 backbones return two levels at stride 32. Sizes only:
+            # holding the teacher's HR backbone maps through the bridge pass would cost memory.
+            rec["backbone_levels"] = [_LevelSize(k, self._stride(f"{who} backbone", k, rec["canvas"], t),
+                                                 tuple(t.shape[-2:])) for k, t in zip(feats.keys, feats.tensors)]
 
         def on_neck(mod, inputs, output):
             rec["neck"] = _Feats(output, f"{who}'s neck split point {sp.neck!r}")
@@ -560,6 +691,12 @@ class BridgeDistiller(nn.Module):
 
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
+            dtype = validate.dtype_of(teacher)
+            if dtype is not None and dtype != torch.float32:
+                # A teacher the user cast to bf16/fp16/fp64 runs in that dtype: under an autocast of another
+                # dtype its BatchNorms would get inputs of the autocast dtype and parameters of their own.
+                stack.enter_context(torch.autocast(next(teacher.parameters()).device.type, enabled=False))
+            stack.enter_context(_hook(get_module(teacher, sp.backbone), _input_cast_to(teacher), pre=True))
             stack.enter_context(_hook(get_module(teacher, sp.backbone), on_backbone))
             stack.enter_context(_hook(get_module(teacher, sp.neck), on_neck))
             if self.torchvision:
@@ -575,7 +712,7 @@ class BridgeDistiller(nn.Module):
             raise InputError(f"expected the HR view to hold the same {n_lr} images as the LR batch, "
                              f"but the {who} saw {n_hr}")
         rec["sizes"] = self._content_sizes(rec, n_hr)
-        rec["hr_inputs"], rec["who"] = call_args, who
+        rec["hr_inputs"], rec["who"], rec["tname"] = call_args, who, tname
         return rec
 
     def _content_sizes(self, rec: Dict[str, Any], n: int) -> List[Tuple[int, int]]:
@@ -618,14 +755,14 @@ class BridgeDistiller(nn.Module):
         sp, rec = self.split_points, {}
         feats: _Feats = lr["backbone"]
         lr_canvas = lr["canvas"]
+        sizes = self._replay_sizes(feats, lr_canvas, hr.get("backbone_levels", []))
 
         def replay(x: Any, *args: Any, **kwargs: Any) -> Any:
             hr_canvas = _canvas_of(x, "bridge's backbone stand-in")
             out = []
-            for t in feats.tensors:
-                s_lr = lr_canvas[0] / t.shape[-2], lr_canvas[1] / t.shape[-1]
-                size = hr.get("backbone_sizes", {}).get(level_stride(lr_canvas, t.shape[-2:]))
+            for t, size in zip(feats.tensors, sizes):
                 if size is None:  # the teacher has no backbone level at this stride
+                    s_lr = lr_canvas[0] / t.shape[-2], lr_canvas[1] / t.shape[-1]
                     size = (math.ceil(hr_canvas[0] / s_lr[0] - 1e-6), math.ceil(hr_canvas[1] / s_lr[1] - 1e-6))
                 r = resample_to_hr(t, lr_canvas, hr_canvas, size, lr["sizes"], hr["sizes"])
                 # Same geometry returns the recorded tensor itself: an in-place op in the neck would then
@@ -633,13 +770,11 @@ class BridgeDistiller(nn.Module):
                 out.append(r.clone() if r is t else r)
             return feats.rebuild(out)
 
-        def on_neck(mod, inputs, output):
-            rec["neck"] = _Feats(output, f"student's neck split point {sp.neck!r}")
-
         backbone = get_module(self.student, sp.backbone)
         with ExitStack() as stack:
             stack.enter_context(swapped(self.student, sp.backbone, _StandIn(backbone, replay)))
-            stack.enter_context(_hook(get_module(self.student, sp.neck), on_neck))
+            stack.enter_context(_hook(get_module(self.student, sp.neck), _neck_recorder(
+                rec, f"student's neck split point {sp.neck!r}")))
             stack.enter_context(_bn_stats_frozen(self.student))
             if self.torchvision:
                 image_list, hr_targets = hr["image_list"], hr["targets"]
@@ -656,16 +791,38 @@ class BridgeDistiller(nn.Module):
             raise SplitPointError(f"the student's neck split point {sp.neck!r} was never reached in the bridge pass")
         return losses, rec["neck"]
 
+    def _replay_sizes(self, feats: "_Feats", lr_canvas: Tuple[int, int],
+                      teacher_levels: Sequence["_LevelSize"]) -> List[Optional[Tuple[int, int]]]:
+        """The HR size of each student backbone level: the teacher's backbone level at its stride.
+
+        Chosen per level, not per stride: where several levels share a stride (MobileNetV3), the teacher's
+        level of the same name, else the one in the same place among that stride's levels.
+        """
+        at: Dict[int, List[_LevelSize]] = {}
+        for lv in teacher_levels:
+            at.setdefault(lv.stride, []).append(lv)
+        seen: Dict[int, int] = {}
+        sizes: List[Optional[Tuple[int, int]]] = []
+        for k, t in zip(feats.keys, feats.tensors):
+            s = self._stride("student backbone", k, lr_canvas, t)
+            i = seen[s] = seen.get(s, -1) + 1
+            cands = at.get(s, [])
+            same = [lv for lv in cands if lv.key == k]
+            pick = same[0] if same else (cands[min(i, len(cands) - 1)] if cands else None)
+            sizes.append(None if pick is None else pick.size)
+        return sizes
+
     def _upsampled_lr_neck(self, lr: Dict[str, Any], hr: Dict[str, Any]) -> "_Feats":
         """Table 1's conventional alignment: the LR neck maps resampled onto the teacher's grid."""
         neck: _Feats = lr["neck"]
-        t_sizes = {self._stride(hr["who"], k, hr["canvas"], t): tuple(t.shape[-2:])
-                   for k, t in zip(hr["neck"].keys, hr["neck"].tensors)}
+        t_levels = {lv.key: lv for lv in self._levels(hr["who"], hr["neck"], hr["canvas"])}
+        t_at = {lv.stride: lv for lv in reversed(list(t_levels.values()))}  # the first level at each stride
+        level_map = self._level_map.get(hr["tname"], {})
         out = []
-        for k, t in zip(neck.keys, neck.tensors):
-            s = self._stride("student", k, lr["canvas"], t)
-            size = t_sizes.get(s, tuple(t.shape[-2:]))
-            out.append(resample_to_hr(t, lr["canvas"], hr["canvas"], size, lr["sizes"], hr["sizes"]))
+        for lv in self._levels("student", neck, lr["canvas"]):
+            target = t_levels.get(level_map[lv.key]) if lv.key in level_map else t_at.get(lv.stride)
+            size = tuple(target.tensor.shape[-2:]) if target is not None else tuple(lv.tensor.shape[-2:])
+            out.append(resample_to_hr(lv.tensor, lr["canvas"], hr["canvas"], size, lr["sizes"], hr["sizes"]))
         up = copy.copy(neck)
         up.tensors = out
         return up
@@ -674,62 +831,44 @@ class BridgeDistiller(nn.Module):
     def _stride(self, side: str, key: str, canvas: Tuple[int, int], t: Tensor) -> int:
         return self._level_strides.get(side, {}).get(key) or level_stride(canvas, t.shape[-2:])
 
+    def _levels(self, side: str, feats: "_Feats", canvas: Tuple[int, int]) -> List[Level]:
+        return [Level(k, self._stride(side, k, canvas, t), t) for k, t in zip(feats.keys, feats.tensors)]
+
     def _match(self, tname: str, s_feats: "_Feats", t_feats: "_Feats", canvas: Tuple[int, int],
-               s_canvas: Optional[Tuple[int, int]] = None) -> List[Tuple[int, str, str, Tensor, Tensor]]:
-        """Pair student and teacher levels by stride: ``[(stride, s_key, t_key, s, t)]``."""
+               s_canvas: Optional[Tuple[int, int]] = None) -> List[LevelPair]:
+        """Pair student and teacher levels: by stride, by name or order where strides collide, or by level_map."""
         who = _who(tname)
-
-        def by_stride(f: _Feats, c: Tuple[int, int], side: str) -> Dict[int, Tuple[str, Tensor]]:
-            d: Dict[int, Tuple[str, Tensor]] = {}
-            for k, t in zip(f.keys, f.tensors):
-                s = self._stride(side, k, c, t)
-                if s in d:
-                    raise LevelMatchError(f"expected one {side} level per stride, but levels {d[s][0]!r} and {k!r} "
-                                          f"both have stride {s}")
-                d[s] = (k, t)
-            return d
-
-        s_by, t_by = by_stride(s_feats, s_canvas or canvas, "student"), by_stride(t_feats, canvas, who)
+        s_levels, t_levels = self._levels("student", s_feats, s_canvas or canvas), self._levels(who, t_feats, canvas)
         if not self._constructed:  # the probe: remember each level's stride, read off a roomy canvas
-            self._level_strides["student"] = {k: s for s, (k, _) in s_by.items()}
-            self._level_strides[who] = {k: s for s, (k, _) in t_by.items()}
-        common = sorted(set(s_by) & set(t_by))
-        if not common:
-            raise LevelMatchError(f"cannot match any pyramid level: the student's neck has strides {sorted(s_by)} "
-                                  f"and the {who}'s has {sorted(t_by)}")
-        skipped = sorted(set(s_by) ^ set(t_by))
+            self._level_strides["student"] = {lv.key: lv.stride for lv in s_levels}
+            self._level_strides[who] = {lv.key: lv.stride for lv in t_levels}
+        level_map = self._level_map.get(tname)
+        pairs = pair_levels(s_levels, t_levels, who, level_map)
+        skipped = [] if level_map else unpaired_strides(s_levels, t_levels)
         if skipped and tname not in self._reported:
             self._reported.add(tname)
             warnings.warn(f"LRDet: levels with stride {skipped} have no partner between the student and the {who} "
-                          f"and are not distilled (student strides {sorted(s_by)}, teacher strides {sorted(t_by)})",
-                          stacklevel=3)
-        pairs = []
-        for s in common:
-            (sk, sv), (tk, tv) = s_by[s], t_by[s]
-            if sv.shape[0] != tv.shape[0] or sv.shape[-2:] != tv.shape[-2:]:
-                raise LevelMatchError(f"expected the student's level {sk!r} and the {who}'s level {tk!r} (stride {s}) "
-                                      f"to have the same batch and spatial size, but got {tuple(sv.shape)} and "
-                                      f"{tuple(tv.shape)}")
-            pairs.append((s, sk, tk, sv, tv))
+                          f"and are not distilled (student strides {sorted({lv.stride for lv in s_levels})}, "
+                          f"teacher strides {sorted({lv.stride for lv in t_levels})})", stacklevel=3)
         return pairs
 
-    def _build(self, tname: str, pairs: Sequence[Tuple[int, str, str, Tensor, Tensor]]) -> None:
+    def _build(self, tname: str, pairs: Sequence[LevelPair]) -> None:
         """Create projectors and loss parameters once the channel counts are known."""
         created = False
-        for s, sk, tk, sv, tv in pairs:
-            key = f"{tname}_s{s}"
-            if sv.shape[1] != tv.shape[1] and key not in self.projectors:
+        for p in pairs:
+            key = f"{tname}_{p.name}"
+            if p.student.shape[1] != p.teacher.shape[1] and key not in self.projectors:
                 # The dtype of the student's weights, not of the features: under autocast these are bf16/fp16,
                 # and the optimizer must hold fp32 master weights.
-                w = next(self.student.parameters(), sv)
-                self.projectors[key] = nn.Conv2d(sv.shape[1], tv.shape[1], 1).to(
-                    device=sv.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
+                w = next(self.student.parameters(), p.student)
+                self.projectors[key] = nn.Conv2d(p.student.shape[1], p.teacher.shape[1], 1).to(
+                    device=p.student.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
                 created = True
         loss = self.losses[tname] if tname in self.losses else None
         if loss is not None and hasattr(loss, "materialize"):
             n_before = sum(1 for _ in loss.parameters())
-            loss.materialize([tv.shape[1] for *_, tv in pairs])
-            loss.to(device=pairs[0][4].device)
+            loss.materialize([p.teacher.shape[1] for p in pairs])
+            loss.to(device=pairs[0].teacher.device)
             created = created or sum(1 for _ in loss.parameters()) != n_before
         if created and self._constructed and not self._materializing:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -749,32 +888,41 @@ class BridgeDistiller(nn.Module):
         loss parameters exist before the user builds the optimizer."""
         x = torch.zeros(1, 3, 256, 256, device=next(self.student.parameters()).device)
 
-        def neck_of(model: nn.Module) -> _Feats:
+        def neck_of(model: nn.Module, side: str, sp: SplitPoints) -> _Feats:
             was = model.training
+
+            def on_backbone(mod: nn.Module, inputs: Any, output: Any) -> None:
+                feats = _Feats(output, f"{side}'s backbone probe")
+                self._level_strides[f"{side} backbone"] = {
+                    k: level_stride((256, 256), t.shape[-2:]) for k, t in zip(feats.keys, feats.tensors)}
+
             model.eval()
             try:
-                return _Feats(model.backbone(x.to(next(model.parameters()).device)), "backbone probe")
+                with _hook(get_module(model, sp.backbone), on_backbone):
+                    return _Feats(model.backbone(x.to(device=next(model.parameters()).device,
+                                                       dtype=validate.dtype_of(model) or x.dtype)),
+                                  "backbone probe")
             finally:
                 model.train(was)
 
-        s_feats = neck_of(self.student)
+        s_feats = neck_of(self.student, "student", self.split_points)
         for tname, t in self._teachers.items():
-            pairs = self._match(tname, s_feats, neck_of(t), (256, 256))
-            self._build(tname, [(s, sk, tk, sv, tv.to(sv.device)) for s, sk, tk, sv, tv in pairs])
+            pairs = self._match(tname, s_feats, neck_of(t, _who(tname), self.teacher_split_points[tname]), (256, 256))
+            self._build(tname, [p._replace(teacher=p.teacher.to(p.student.device)) for p in pairs])
 
     # ---------------------------------------------------------------------------------------------
     def _distill(self, tname: str, s_feats: "_Feats", hr: Dict[str, Any]) -> Tensor:
         pairs = self._match(tname, s_feats, hr["neck"], hr["canvas"])
         self._build(tname, pairs)
         student, teacher = [], []
-        for s, sk, tk, sv, tv in pairs:
-            proj = self.projectors[f"{tname}_s{s}"] if sv.shape[1] != tv.shape[1] else None
-            student.append(proj(sv) if proj is not None else sv)
-            teacher.append(tv)
+        for p in pairs:
+            proj = self.projectors[f"{tname}_{p.name}"] if p.student.shape[1] != p.teacher.shape[1] else None
+            student.append(proj(p.student) if proj is not None else p.student)
+            teacher.append(p.teacher)
         boxes = [t["boxes"].detach() if "boxes" in t else torch.zeros(0, 4)
                  for t in (hr["targets"] or [{} for _ in teacher[0]])]
         ctx = DistillContext(boxes=boxes, image_sizes=list(hr["sizes"]), canvas_size=tuple(hr["canvas"]),
-                             strides=[p[0] for p in pairs], level_names=[p[2] for p in pairs])
+                             strides=[p.stride for p in pairs], level_names=[p.teacher_key for p in pairs])
         loss = self.losses[tname] if tname in self.losses else self._callable_losses[tname]
         value = loss(student, teacher, ctx)
         if not isinstance(value, Tensor) or value.dim() != 0:

@@ -6,6 +6,7 @@ gradients and parameters.
 """
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,9 @@ def part(data, sl: slice):
     return images[sl], targets[sl], hr[sl], hr_targets[sl]
 
 
-def make_distiller(loss: str = "fgd") -> BridgeDistiller:
+def make_distiller(loss: str = "fgd", **kw) -> BridgeDistiller:
     """Student with 16 neck channels, teacher with 24: 1x1 projectors; FGD adds GcBlocks."""
-    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, loss=loss)
+    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, loss=loss, **kw)
     images, targets, hr, hr_targets = tiny_batch(99, n=2)
     return d.materialize(images, targets, hr_images=hr, hr_targets=hr_targets)
 
@@ -105,6 +106,18 @@ def main(out_dir: str) -> None:
     result["sync_bn_restored"] = all(m.track_running_stats for m in student.modules()
                                      if isinstance(m, nn.SyncBatchNorm))
     result["sync_bn_hooks"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in student.modules())
+
+    # alpha="auto" on each rank's own batch (they differ): the measured terms are averaged over the ranks.
+    da = make_distiller("mse", alpha="auto").train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report of the chosen alpha
+        images, targets, hr, hr_targets = tiny_batch(10 + rank, n=per)
+        dim = 1.0 if rank == 0 else 0.1  # a dark half: other feature magnitudes, another local alpha
+        images, hr = images * dim, hr * dim
+        out = DDP(da)(images, targets, hr_images=hr, hr_targets=hr_targets)
+    alpha = da.alphas["teacher"]
+    result["auto"] = {"alpha": alpha, "det": sum(v.item() for k, v in out.items() if k.startswith("lr/")),
+                      "distill": out["distill/mse"].item() / alpha}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

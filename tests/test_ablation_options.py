@@ -61,7 +61,7 @@ def test_hr_det_weight_on_a_torchvision_student():
             torch.testing.assert_close(out0[k], 0.5 * out1[k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1", True])
 def test_hr_det_weight_must_be_finite_and_non_negative(bad):
     with pytest.raises(InputError, match="hr_det_weight"):
         BridgeDistiller(TinyDetector(), TinyDetector(), split_points=SP, hr_scale=2.0, hr_det_weight=bad)

@@ -213,6 +213,17 @@ def test_bf16_autocast_step_matches_fp32(loss):
         torch.testing.assert_close(results[True][k], results[False][k], rtol=5e-2, atol=1e-3, msg=k)
 
 
+def test_alpha_auto_is_the_same_on_every_rank(ddp_ranks):
+    # Each rank measured alpha on its own half of the batch; the two halves give different local values,
+    # so only the average over the ranks makes them agree.
+    r0, r1 = (r["auto"] for r in ddp_ranks)
+    assert r0["alpha"] == r1["alpha"]
+    det, distill = (r0["det"] + r1["det"]) / 2, (r0["distill"] + r1["distill"]) / 2
+    assert r0["alpha"] == pytest.approx(0.5 * det / distill, rel=1e-5)
+    local = [0.5 * r["det"] / r["distill"] for r in (r0, r1)]
+    assert abs(local[0] - local[1]) > 0.05 * local[0]
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 def test_checkpoint_resume_gives_the_identical_next_step(tmp_path):
     images, targets, _, _ = tiny_batch(0, n=2)
@@ -251,6 +262,68 @@ def test_checkpoint_resume_gives_the_identical_next_step(tmp_path):
         got = run(d2, opt2, 2)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert all(torch.equal(v, after[k]) for k, v in d2.state_dict().items())
+
+
+def test_alpha_auto_resumes_bit_identically_without_measuring_again(tmp_path, monkeypatch):
+    import lrdet_core.distiller as distiller_mod
+
+    def run(d, opt, seed):
+        torch.manual_seed(seed)
+        opt.zero_grad(set_to_none=True)
+        out = d(*tiny_batch(seed, n=2)[:2])
+        sum(out.values()).backward()
+        opt.step()
+        return {k: v.detach() for k, v in out.items()}
+
+    d = _tiny_distiller("mse", alpha="auto").materialize(*tiny_batch(0, n=2)[:2]).train()
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="alpha='auto' at the first step"):
+        run(d, opt, 0)
+    alpha = d.alphas["teacher"]
+    run(d, opt, 1)
+    torch.save({"distiller": d.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    expected = run(d, opt, 2)
+    assert d.alphas["teacher"] == alpha
+
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    assert ckpt["distiller"]["auto_alpha"].dtype == torch.float64 and ckpt["distiller"]["auto_alpha"].item() == alpha
+    torch.manual_seed(123)
+    teacher = TinyDetector(neck_channels=24)
+    teacher.load_state_dict(d.teacher.state_dict())
+    d2 = BridgeDistiller(TinyDetector(), teacher, split_points=TINY_SPLIT, hr_scale=2.0, alpha="auto").train()
+    assert d2.alphas == {"teacher": None}
+    d2.load_state_dict(ckpt["distiller"])
+    opt2 = torch.optim.Adam(d2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt["optimizer"])
+
+    def measured_again(*a, **k):
+        raise AssertionError("a resumed distiller measured alpha again")
+
+    monkeypatch.setattr(distiller_mod, "auto_alphas", measured_again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run(d2, opt2, 2)
+    assert d2.alphas["teacher"] == alpha
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    d2.half()  # casting the distiller moves alpha along without rounding it
+    assert d2.auto_alpha.dtype == torch.float64 and d2.alphas["teacher"] == alpha
+
+
+def test_numeric_alpha_checkpoints_and_alpha_auto_ones_load_into_each_other():
+    images, targets = tiny_batch(0, n=2)[:2]
+    numeric = _tiny_distiller("mse", alpha=1e-3).materialize(images, targets)
+    auto = _tiny_distiller("mse", alpha="auto").materialize(images, targets)
+    assert "auto_alpha" not in numeric.state_dict()  # a numeric alpha's checkpoint is as before
+    auto.load_state_dict(numeric.state_dict())  # strict: an old checkpoint has no auto_alpha
+    assert auto.alphas == {"teacher": None}
+    with pytest.warns(UserWarning, match="alpha='auto' at the first step"):
+        auto.train()(images, targets)  # nothing was measured before: measured now
+    alpha = auto.alphas["teacher"]
+    assert alpha is not None and alpha > 0
+    with pytest.warns(UserWarning, match=rf"the checkpoint holds alpha='auto' values \[{alpha}\], but this distiller "
+                                         rf"has alpha=0.001, which is used"):
+        numeric.load_state_dict(auto.state_dict())
+    assert numeric.alphas == {"teacher": 1e-3}
 
 
 def test_materialize_changes_nothing_but_the_new_parameters():

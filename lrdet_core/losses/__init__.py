@@ -58,6 +58,26 @@ RECOMMENDED_ALPHA: Dict[str, float] = {"mse": 0.005, "l1": 0.006, "cwd": 2e4, "f
 LossSpec = Union[str, nn.Module, Callable]
 
 
+def loss_name(name: str) -> str:
+    """The canonical name of a named loss: ``" MSE "`` -> ``"mse"``. Everything keyed by a loss name
+    (:data:`LOSSES`, :data:`RECOMMENDED_ALPHA`, FGD's presets, the ``distill/<loss>`` key) uses this form.
+
+    Raises:
+        LossError: for an unknown name (the message lists the valid names and the closest one).
+
+    Example:
+        >>> loss_name("FGD")
+        'fgd'
+    """
+    key = name.strip().lower()
+    if key not in LOSSES:
+        close = difflib.get_close_matches(key, list(LOSSES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise LossError(f"unknown loss {name!r}; expected one of {', '.join(map(repr, LOSSES))}{hint}, "
+                        f"an nn.Module or a callable (student, teacher, ctx) -> Tensor")
+    return key
+
+
 def build_loss(spec: LossSpec, **kwargs) -> Callable:
     """A distillation loss from a name in :data:`LOSSES`, an ``nn.Module`` or a callable.
 
@@ -79,13 +99,7 @@ def build_loss(spec: LossSpec, **kwargs) -> Callable:
         lrdet_core.errors.LossError: unknown loss 'msee'; expected one of 'mse', 'l1', 'cwd', 'fgd' (did you mean 'mse'?), an nn.Module or a callable (student, teacher, ctx) -> Tensor
     """
     if isinstance(spec, str):
-        key = spec.strip().lower()
-        if key not in LOSSES:
-            close = difflib.get_close_matches(key, list(LOSSES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise LossError(f"unknown loss {spec!r}; expected one of {', '.join(map(repr, LOSSES))}{hint}, "
-                            f"an nn.Module or a callable (student, teacher, ctx) -> Tensor")
-        return LOSSES[key](**kwargs)
+        return LOSSES[loss_name(spec)](**kwargs)
     if callable(spec):
         if kwargs:
             raise LossError(f"keyword arguments {sorted(kwargs)} only apply to a loss given by name, "
@@ -96,7 +110,7 @@ def build_loss(spec: LossSpec, **kwargs) -> Callable:
 
 
 __all__ = [
-    "LOSSES", "RECOMMENDED_ALPHA", "FGD_PRESETS", "build_loss",
+    "LOSSES", "RECOMMENDED_ALPHA", "FGD_PRESETS", "build_loss", "loss_name",
     "MSELoss", "L1Loss", "CWDLoss", "FGDLoss", "GcBlock",
     "mse", "l1", "cwd", "fgd", "fgd_terms", "fgd_global", "fgd_masks", "spatial_attention", "channel_attention",
 ]
