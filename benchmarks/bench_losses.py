@@ -207,9 +207,10 @@ def noise_reason(x_copy: float, bound: float, absurd: float = ABSURD_MULTIPLE) -
 def run_case(loss, backend, dtype_name, n, c, levels, device, warmup, repeats, flush, copy: Callable,
              absurd: float = ABSURD_MULTIPLE) -> Dict:
     dtype = DTYPES[dtype_name]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    S = [torch.randn(n, c, h, w, generator=g).to(device, dtype).requires_grad_() for h, w in levels]
-    T = [torch.randn(n, c, h, w, generator=g).to(device, dtype) for h, w in levels]
+    # Drawn on the device: a CPU generator takes seconds for the 92 M elements of an N=16 pyramid.
+    g = torch.Generator(device=device).manual_seed(0)
+    S = [torch.randn(n, c, h, w, generator=g, device=device).to(dtype).requires_grad_() for h, w in levels]
+    T = [torch.randn(n, c, h, w, generator=g, device=device).to(dtype) for h, w in levels]
     f = make_loss(loss, backend, levels, n, device)
 
     def step():
@@ -422,32 +423,39 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"bench_{device.type}{'_quick' if args.quick else ''}"
     rows: List[Dict] = []
-    for dtype_name in dtypes:
-        for n in batches:
-            copy = copy_proxy(dtype_name, n, channels, levels, device)
-            eager_x: Dict[str, float] = {}
-            for loss in args.losses:
-                for backend in backends:
-                    try:
-                        r = run_case(loss, backend, dtype_name, n, channels, levels, device, warmup, repeats, flush,
-                                     copy, args.absurd)
-                    except Exception as err:  # noqa: BLE001 - one failing case must not lose the others
-                        print(f"{loss:>4} {backend:>8} {dtype_name} N={n}: FAILED {type(err).__name__}: {err}",
-                              flush=True)
-                        failures.append(f"{loss}/{backend}/{dtype_name}/N={n}: {type(err).__name__}: {err}")
-                        continue
-                    if backend == "torch" and not r["noise"]:
-                        eager_x[loss] = r["x_copy"]
-                    # Both sides copy-normalised, each in its own interleaved pairs: drift between the two
-                    # cases' loops cancels.
-                    r["speedup_vs_torch"] = (eager_x[loss] / r["x_copy"]
-                                             if loss in eager_x and not r["noise"] else None)
-                    rows.append(r)
-                    shown = r["noise"] or (f"time/copy {r['x_copy']:.2f} (bound {r['bytes_bound']:.2f}) = "
-                                           f"{r['pct_copy']:.0f}% of copy bandwidth")
-                    print(f"{loss:>4} {backend:>8} {dtype_name} N={n}: {r['median_ms']:.3f} ms "
-                          f"({r['min_ms']:.3f}-{r['max_ms']:.3f}), copy {r['copy_ms']:.3f} ms; {shown}", flush=True)
-                    write_results(out, stem, rows, meta, failures)  # partial results survive a timeout
+    eager_x: Dict[Tuple[str, int, str], float] = {}
+    # Two passes: every backend but compile first, then compile, whose first calls compile for tens of
+    # seconds. Under a time limit (benchmarks/run_cuda.sh) the Triton and eager rows, which the goals
+    # need, are measured first.
+    passes = [[b for b in backends if b != "compile"], [b for b in backends if b == "compile"]]
+    for pass_backends in passes:
+        for dtype_name in dtypes:
+            for n in batches:
+                if not pass_backends:
+                    continue
+                copy = copy_proxy(dtype_name, n, channels, levels, device)
+                for loss in args.losses:
+                    for backend in pass_backends:
+                        try:
+                            r = run_case(loss, backend, dtype_name, n, channels, levels, device, warmup, repeats,
+                                         flush, copy, args.absurd)
+                        except Exception as err:  # noqa: BLE001 - one failing case must not lose the others
+                            print(f"{loss:>4} {backend:>8} {dtype_name} N={n}: FAILED {type(err).__name__}: {err}",
+                                  flush=True)
+                            failures.append(f"{loss}/{backend}/{dtype_name}/N={n}: {type(err).__name__}: {err}")
+                            continue
+                        key = (dtype_name, n, loss)
+                        if backend == "torch" and not r["noise"]:
+                            eager_x[key] = r["x_copy"]
+                        # Both sides copy-normalised, each in its own interleaved pairs: drift between the
+                        # two cases' loops cancels.
+                        r["speedup_vs_torch"] = eager_x[key] / r["x_copy"] if key in eager_x and not r["noise"] else None
+                        rows.append(r)
+                        shown = r["noise"] or (f"time/copy {r['x_copy']:.2f} (bound {r['bytes_bound']:.2f}) = "
+                                               f"{r['pct_copy']:.0f}% of copy bandwidth")
+                        print(f"{loss:>4} {backend:>8} {dtype_name} N={n}: {r['median_ms']:.3f} ms "
+                              f"({r['min_ms']:.3f}-{r['max_ms']:.3f}), copy {r['copy_ms']:.3f} ms; {shown}", flush=True)
+                        write_results(out, stem, rows, meta, failures)  # partial results survive a timeout
     goals = check_goals(rows)
     write_results(out, stem, rows, meta, failures)
     print(markdown(rows, meta, goals))
