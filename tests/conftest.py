@@ -7,8 +7,9 @@ clears it for its own subprocess.
 Real kernels instead of the interpreter: with ``LRDET_NO_INTERPRET=1`` in the environment, or when
 only the CUDA tests are selected (``-m cuda``) on a machine with CUDA, the flag is not set (and an
 inherited one is removed), so ``tests/test_cuda.py`` launches compiled kernels on the GPU. Modules
-that need the interpreter are then not collected: importing ``tests/test_kernels.py`` would set the
-flag and reload the kernels as interpreted functions for the whole process.
+that need the interpreter are then not collected when a directory is collected (pytest never ignores a
+file named on the command line): importing ``tests/test_kernels.py`` would set the flag and reload the
+kernels as interpreted functions for the whole process.
 """
 import os
 import sys

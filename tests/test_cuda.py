@@ -473,8 +473,10 @@ def _worker(out_dir: str) -> None:
     report: Dict = {}
 
     def distiller(student: nn.Module) -> BridgeDistiller:
+        # A wider teacher (48 FPN channels against 32): 1x1 projectors, which must exist before DDP wraps
+        # the distiller, or DDP would never average their gradients.
         torch.manual_seed(1)
-        return BridgeDistiller(student, tiny.retinanet(128).to(DEVICE), alpha=0.005).train()
+        return BridgeDistiller(student, tiny.retinanet(128, channels=48).to(DEVICE), alpha=0.005).train()
 
     def step(model: nn.Module, seed: int) -> Dict[str, Tensor]:
         images, targets = detection_batch(seed=seed, size=100)
