@@ -457,6 +457,19 @@ def test_sync_batchnorm_all_gather_path_at_world_size_1(nccl_report):
     assert r["restored"], r
 
 
+def bn_fpn_retinanet(size: int) -> nn.Module:
+    """A small RetinaNet whose FPN has BatchNorm: BN layers after the split point, which the bridge pass
+    runs on HR features (torchvision's own heads use GroupNorm or no norm at all)."""
+    from torchvision.models import resnet18
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    fpn = BackboneWithFPN(resnet18(weights=None), {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], 32,
+                          extra_blocks=LastLevelP6P7(32, 32), norm_layer=nn.BatchNorm2d)
+    return RetinaNet(fpn, 3, min_size=size, max_size=size)
+
+
 def _worker(out_dir: str) -> None:
     """World size 1: DDP around the distiller against the plain distiller; a SyncBatchNorm student."""
     import torch.distributed as dist
@@ -531,7 +544,7 @@ def _worker(out_dir: str) -> None:
                                         dist.group.WORLD, dist.get_world_size())
 
     torch.manual_seed(0)
-    bn_student = tiny.retinanet(64).to(DEVICE)
+    bn_student = bn_fpn_retinanet(64).to(DEVICE)
     lr_only = copy.deepcopy(bn_student)
     sync_student = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(bn_student))
     for m in sync_student.modules():
@@ -545,6 +558,7 @@ def _worker(out_dir: str) -> None:
                    if p.grad is not None)
     stats = [(b.float(), a.float()) for (n, a), (_, b) in zip(lr_only.named_buffers(), sync_student.named_buffers())
              if "running" in n]
+    assert any("fpn" in n and "running" in n for n, _ in lr_only.named_buffers())
     report["sync_bn"] = {
         "gather_calls": ForcedSyncBN.calls, "max_loss_rel_err": loss_err, "max_grad_rel_err": grad_err,
         "max_running_stat_err": max((b - a).abs().max().item() for b, a in stats),
