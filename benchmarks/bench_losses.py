@@ -318,8 +318,8 @@ def metadata(device) -> Dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
-        f"{torch.get_num_threads()} threads)"
+    dev = (torch.cuda.get_device_name() if device.type == "cuda"
+           else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     return {"device": dev, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -449,7 +449,8 @@ def main(argv=None) -> None:
                             eager_x[key] = r["x_copy"]
                         # Both sides copy-normalised, each in its own interleaved pairs: drift between the
                         # two cases' loops cancels.
-                        r["speedup_vs_torch"] = eager_x[key] / r["x_copy"] if key in eager_x and not r["noise"] else None
+                        valid = key in eager_x and not r["noise"]
+                        r["speedup_vs_torch"] = eager_x[key] / r["x_copy"] if valid else None
                         rows.append(r)
                         shown = r["noise"] or (f"time/copy {r['x_copy']:.2f} (bound {r['bytes_bound']:.2f}) = "
                                                f"{r['pct_copy']:.0f}% of copy bandwidth")

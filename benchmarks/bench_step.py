@@ -5,7 +5,8 @@
     python benchmarks/bench_step.py --backbone resnet50 --raw 800 --lr-size 400 --hr-size 800   # on a GPU
 
 Every (model, mode) runs in its own process, so peak memory (CUDA: max allocated; CPU: peak RSS; both
-in MiB, 2^20 bytes) is that mode's alone. A process that fails is reported and the others still run. A "step" is forward + backward (no optimizer update) for every mode.
+in MiB, 2^20 bytes) is that mode's alone. A process that fails is reported and the others still run.
+A "step" is forward + backward (no optimizer update) for every mode.
 
 The LRDet step's inherent parts are timed separately in the LRDet process:
 teacher to its neck, the student's LR forward, the bridge forward, and the backward of the summed loss.
@@ -84,7 +85,8 @@ def run_one(args) -> dict:
     student = build(args.models[0], args.lr_size, args.channels, args.backbone).to(dev).train()
     result = {}
     if args.mode in ("lr", "hr"):
-        model = student if args.mode == "lr" else build(args.models[0], args.hr_size, args.channels, args.backbone).to(dev).train()
+        model = (student if args.mode == "lr"
+                 else build(args.models[0], args.hr_size, args.channels, args.backbone).to(dev).train())
 
         def step():
             sum(model(images, targets).values()).backward()
@@ -211,7 +213,8 @@ def markdown(report: dict) -> str:
         else:
             cells = ["failed"] * (len(parts) + 1)
         peaks = " / ".join(f"{r[k]['peak_bytes'] / 2**20:.0f}" if k in r else "failed" for k in MODES)
-        lines.append(f"| {model} | {step['lr']} | {step['hr']} | {step['lrdet']} | " + " | ".join(cells) + f" | {peaks} |")
+        lines.append(f"| {model} | {step['lr']} | {step['hr']} | {step['lrdet']} | " + " | ".join(cells)
+                     + f" | {peaks} |")
     for f in report.get("failures", []):
         lines.append(f"\nFAILED {f.splitlines()[0] if f else f}")
     return "\n".join(lines)

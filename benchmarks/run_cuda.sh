@@ -30,9 +30,9 @@ fi
 
 # Budgets (s). Their sum, the probe (~10 s), the summary and timeout's 15 s grace per stage stay
 # under 8 minutes (480 s).
-B_TESTS="${LRDET_BUDGET_TESTS:-190}"
+B_TESTS="${LRDET_BUDGET_TESTS:-180}"
 B_LOSSES="${LRDET_BUDGET_LOSSES:-150}"
-B_STEP="${LRDET_BUDGET_STEP:-80}"
+B_STEP="${LRDET_BUDGET_STEP:-90}"
 
 # ---------------------------------------------------------------------------------------- probe
 T_START=$(date +%s)
@@ -93,8 +93,8 @@ main() {
   if [ "$REHEARSE" = 0 ] && [ "${LRDET_PYTEST_WORKERS:-4}" != 0 ] && "$PY" -c 'import xdist' 2>/dev/null; then
     workers=(-n "${LRDET_PYTEST_WORKERS:-4}")
   fi
-  run_stage tests "$B_TESTS" bash -c 'set -o pipefail; "$0" -m pytest -m cuda tests/test_cuda.py -o addopts="" -q -rfEs \
-    -p no:cacheprovider --junitxml="$1" "${@:3}" 2>&1 | tee "$2"' \
+  run_stage tests "$B_TESTS" bash -c 'set -o pipefail; "$0" -m pytest -m cuda tests/test_cuda.py -o addopts="" \
+    -q -rfEs -p no:cacheprovider --junitxml="$1" "${@:3}" 2>&1 | tee "$2"' \
     "$PY" "$DEST/${PREFIX}_tests.xml" "$DEST/${PREFIX}_tests.txt" "${workers[@]}"
 
   # 2. the losses: every CUDA default case (N 16, 8, 2; fp32, bf16; torch, triton, then compile)
@@ -166,7 +166,7 @@ try:
     step = json.load(open(path("step.json")))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     for model, r in step["results"].items():
-        cells = [f"{mode} {med(r[mode]['times_s']['step']) * 1e3:.0f} ms" for mode in ("lr", "hr", "lrdet") if mode in r]
+        cells = [f"{m} {med(r[m]['times_s']['step']) * 1e3:.0f} ms" for m in ("lr", "hr", "lrdet") if m in r]
         out.append(f"- {model}: " + ", ".join(cells))
     out += [f"- FAILED {f.splitlines()[0][:200]}" for f in step.get("failures", [])]
 except (OSError, ValueError, KeyError) as err:

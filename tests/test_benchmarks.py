@@ -133,8 +133,9 @@ def test_run_cuda_sh_says_cuda_is_absent_and_stops(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine `-m cuda` runs the tests instead")
 def test_cuda_tests_are_collected_and_skipped_without_cuda():
     env = {k: v for k, v in os.environ.items() if k not in ("LRDET_NO_INTERPRET", "LRDET_CUDA_DRY_RUN")}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-o", "addopts=", "-q", "-rs",
-                          "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-o", "addopts=", "-q",
+                          "-rs", "-p", "no:cacheprovider"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     skipped = int(last.split(" skipped")[0].split()[-1])
@@ -163,4 +164,5 @@ def test_bytes_bound_keeps_the_bytes_moved_arithmetic():
     assert math.isclose(mb["mse"], 525.0, rel_tol=1e-3) and mb["l1"] == mb["mse"]
     assert math.isclose(mb["fgd"], 875.0, rel_tol=1e-3)
     assert bench_losses.bytes_bound("mse", levels, 16, 256, torch.bfloat16) == 1.0
-    assert bench_losses.bytes_bound("cwd", levels, 16, 256, torch.bfloat16) == pytest.approx((5 * 21000 + 3 * 1400) / (3 * 22400))
+    cwd = bench_losses.bytes_bound("cwd", levels, 16, 256, torch.bfloat16)
+    assert cwd == pytest.approx((5 * 21000 + 3 * 1400) / (3 * 22400))

@@ -13,7 +13,7 @@ Dry run: ``LRDET_CUDA_DRY_RUN=1 python -m pytest -m cuda tests/test_cuda.py`` ru
 on CPU tensors through the Triton interpreter at small sizes (the losses' CUDA check is bypassed),
 with gloo in place of NCCL. It checks the tests themselves on a machine without a GPU; it says
 nothing about the GPU. Tests that need real CUDA (int64 offsets past 2^31, fp16 autocast with
-GradScaler) skip there.
+GradScaler) skip there, and the bf16-autocast distiller step runs in fp32 there.
 
 Only the public API is used: the loss modules with ``backend=``, :class:`BridgeDistiller`.
 """
@@ -158,7 +158,8 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 def flat_rel_err(pairs: Sequence[Tuple[Tensor, Tensor]]) -> float:
     """:func:`rel_err` of the concatenations: ``[(a1, b1), (a2, b2)]`` -> ||a - b|| / ||b||."""
-    return rel_err(torch.cat([a.flatten().float() for a, _ in pairs]), torch.cat([b.flatten().float() for _, b in pairs]))
+    return rel_err(torch.cat([a.flatten().float() for a, _ in pairs]),
+                   torch.cat([b.flatten().float() for _, b in pairs]))
 
 
 def assert_matches(loss: Tensor, grads: Sequence[Tensor], ref_loss: Tensor, ref_grads: Sequence[Tensor],
