@@ -2,9 +2,11 @@
 
     python benchmarks/bench_step.py                       # CPU defaults: 256 px LR, 512 px HR, batch 2
     python benchmarks/bench_step.py --models retinanet --repeats 3 --out /tmp/step.json
+    python benchmarks/bench_step.py --backbone resnet50 --raw 800 --lr-size 400 --hr-size 800   # on a GPU
 
-Every (model, mode) runs in its own process, so peak memory (CUDA: max allocated; CPU: peak RSS) is
-that mode's alone. A "step" is forward + backward (no optimizer update) for every mode.
+Every (model, mode) runs in its own process, so peak memory (CUDA: max allocated; CPU: peak RSS; both
+in MiB, 2^20 bytes) is that mode's alone. A process that fails is reported and the others still run.
+A "step" is forward + backward (no optimizer update) for every mode.
 
 The LRDet step's inherent parts are timed separately in the LRDet process:
 teacher to its neck, the student's LR forward, the bridge forward, and the backward of the summed loss.
@@ -27,8 +29,8 @@ import torch
 MODES = ("lr", "hr", "lrdet")
 
 
-def build(model: str, size: int, channels: int):
-    from torchvision.models import resnet18
+def build(model: str, size: int, channels: int, backbone_name: str = "resnet18"):
+    from torchvision.models import resnet18, resnet50
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -36,8 +38,9 @@ def build(model: str, size: int, channels: int):
     rcnn = model == "faster_rcnn"
     layers = (1, 2, 3, 4) if rcnn else (2, 3, 4)
     extra = LastLevelMaxPool() if rcnn else LastLevelP6P7(channels, channels)
-    backbone = BackboneWithFPN(resnet18(weights=None), {f"layer{k}": str(i) for i, k in enumerate(layers)},
-                               [64 * 2 ** (k - 1) for k in layers], channels, extra_blocks=extra)
+    body, width = (resnet50(weights=None), 256) if backbone_name == "resnet50" else (resnet18(weights=None), 64)
+    backbone = BackboneWithFPN(body, {f"layer{k}": str(i) for i, k in enumerate(layers)},
+                               [width * 2 ** (k - 1) for k in layers], channels, extra_blocks=extra)
     cls = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}[model]
     return cls(backbone, 3, min_size=size, max_size=size)
 
@@ -79,16 +82,17 @@ def run_one(args) -> dict:
     torch.manual_seed(0)
     dev = args.device
     images, targets = make_batch(args.batch, args.raw, dev)
-    student = build(args.models[0], args.lr_size, args.channels).to(dev).train()
+    student = build(args.models[0], args.lr_size, args.channels, args.backbone).to(dev).train()
     result = {}
     if args.mode in ("lr", "hr"):
-        model = student if args.mode == "lr" else build(args.models[0], args.hr_size, args.channels).to(dev).train()
+        model = (student if args.mode == "lr"
+                 else build(args.models[0], args.hr_size, args.channels, args.backbone).to(dev).train())
 
         def step():
             sum(model(images, targets).values()).backward()
         result["step"] = timed(step, dev, args.warmup, args.repeats)
     else:
-        teacher = build(args.models[0], args.hr_size, args.channels).to(dev)
+        teacher = build(args.models[0], args.hr_size, args.channels, args.backbone).to(dev)
         d = BridgeDistiller(student, teacher).train()
 
         def step():
@@ -143,6 +147,8 @@ def main() -> None:
     p.add_argument("--lr-size", type=int, default=256)
     p.add_argument("--hr-size", type=int, default=512)
     p.add_argument("--channels", type=int, default=256, help="FPN channels")
+    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"],
+                   help="the FPN's body (resnet50: torchvision's ResNet-50 FPN detectors, without weights)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.json"))
@@ -155,7 +161,7 @@ def main() -> None:
     if args.mode:
         print(json.dumps(run_one(args)))
         return
-    rows = {}
+    rows, failures = {}, []
     for model in args.models:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--mode", mode, "--models", model] + [
@@ -163,16 +169,26 @@ def main() -> None:
                 for a in (f"--{k.replace('_', '-')}", str(v))]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
-                sys.exit(out.stderr)
+                failures.append(f"{model} {mode}: exit {out.returncode}: {out.stderr.strip()[-1500:]}")
+                print(f"{model:12s} {mode:6s} FAILED (exit {out.returncode})\n{out.stderr[-1500:]}", file=sys.stderr,
+                      flush=True)
+                continue
             rows.setdefault(model, {})[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{model:12s} {mode:6s} median step {statistics.median(rows[model][mode]['times_s']['step']):.3f} s",
                   flush=True)
-    report = {"meta": meta(args), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+            write(args.out, {"meta": meta(args), "results": rows, "failures": failures})  # survives a timeout
+    report = {"meta": meta(args), "results": rows, "failures": failures}
+    write(args.out, report)
     print(markdown(report))
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    if failures:
+        sys.exit(f"{len(failures)} run(s) failed")
+
+
+def write(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(markdown(report) + "\n")
 
 
@@ -180,21 +196,27 @@ def markdown(report: dict) -> str:
     med = statistics.median
     m = report["meta"]
     lines = [f"Device: {m['device']} ({m['cpu_count']} cores, {m['threads']} threads), torch {m['torch']}, "
-             f"commit {m['commit']}; batch {m['config']['batch']}, LR {m['config']['lr_size']} px, "
-             f"HR {m['config']['hr_size']} px, FPN {m['config']['channels']} ch; median of {m['config']['repeats']}.",
+             f"commit {m['commit']}; {m['config'].get('backbone', 'resnet18')} FPN, batch {m['config']['batch']}, "
+             f"LR {m['config']['lr_size']} px, HR {m['config']['hr_size']} px, FPN {m['config']['channels']} ch; "
+             f"median of {m['config']['repeats']}.",
              "",
              "| model | LR step (s) | HR step (s) | LRDet step (s) | teacher→neck | student LR fwd | bridge fwd | "
-             "distill loss | backward | LRDet / sum of parts | peak MB LR / HR / LRDet |",
+             "distill loss | backward | LRDet / sum of parts | peak MiB LR / HR / LRDet |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    parts = ["teacher_to_neck", "student_lr_forward", "bridge_forward", "distill_loss", "backward"]
     for model, r in report["results"].items():
-        t = r["lrdet"]["times_s"]
-        parts = ["teacher_to_neck", "student_lr_forward", "bridge_forward", "distill_loss", "backward"]
-        total = sum(med(t[k]) for k in parts)
-        lines.append(
-            f"| {model} | {med(r['lr']['times_s']['step']):.3f} | {med(r['hr']['times_s']['step']):.3f} | "
-            f"{med(t['step']):.3f} | " + " | ".join(f"{med(t[k]):.3f}" for k in parts) +
-            f" | {med(t['step']) / total:.3f} | " +
-            " / ".join(f"{r[k]['peak_bytes'] / 2**20:.0f}" for k in MODES) + " |")
+        step = {k: (f"{med(r[k]['times_s']['step']):.3f}" if k in r else "failed") for k in MODES}
+        if "lrdet" in r:
+            t = r["lrdet"]["times_s"]
+            total = sum(med(t[k]) for k in parts)
+            cells = [f"{med(t[k]):.3f}" for k in parts] + [f"{med(t['step']) / total:.3f}"]
+        else:
+            cells = ["failed"] * (len(parts) + 1)
+        peaks = " / ".join(f"{r[k]['peak_bytes'] / 2**20:.0f}" if k in r else "failed" for k in MODES)
+        lines.append(f"| {model} | {step['lr']} | {step['hr']} | {step['lrdet']} | " + " | ".join(cells)
+                     + f" | {peaks} |")
+    for f in report.get("failures", []):
+        lines.append(f"\nFAILED {f.splitlines()[0] if f else f}")
     return "\n".join(lines)
 
 

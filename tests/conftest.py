@@ -3,9 +3,43 @@
 Triton decides when a kernel is decorated whether it will be interpreted, so the interpreter flag
 must be set before any test module (or anything they import) loads triton. The compile test
 clears it for its own subprocess.
+
+Real kernels instead of the interpreter: with ``LRDET_NO_INTERPRET=1`` in the environment, or when
+only the CUDA tests are selected (``-m cuda``) on a machine with CUDA, the flag is not set (and an
+inherited one is removed), so ``tests/test_cuda.py`` launches compiled kernels on the GPU. Modules
+that need the interpreter are then not collected when a directory is collected (pytest never ignores a
+file named on the command line): importing ``tests/test_kernels.py`` would set the flag and reload the
+kernels as interpreted functions for the whole process.
 """
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+
+#: Test modules that run the kernels through the interpreter on CPU tensors.
+INTERPRETER_ONLY = ("test_kernels.py",)
+
+
+def _real_kernels(config) -> bool:
+    if os.environ.get("LRDET_NO_INTERPRET", "") == "1":
+        return True
+    if (config.getoption("markexpr", default="") or "").strip() != "cuda":
+        return False
+    import torch  # only for `-m cuda`: torch does not load triton on import
+
+    return torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    # Runs before any test module is imported (collection comes after configuration).
+    config.lrdet_real_kernels = _real_kernels(config)
+    if config.lrdet_real_kernels:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if getattr(config, "lrdet_real_kernels", False) and collection_path.name in INTERPRETER_ONLY:
+        return True
+    return None
