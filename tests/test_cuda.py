@@ -422,7 +422,7 @@ def test_distiller_step_with_a_bf16_teacher(family, kernels, deterministic_cudnn
     # The teacher's features carry bf16 rounding (about 2^-8 relative per layer); the distillation
     # term is dominated by the student/teacher difference, so it stays within a few percent.
     torch.testing.assert_close(losses["distill/mse"], ref_losses["distill/mse"], rtol=5e-2, atol=0)
-    assert any(not torch.equal(p.detach(), before[n]) for n, p in d.student.named_parameters())
+    assert any(not torch.equal(p.detach(), before[f"student.{n}"]) for n, p in d.student.named_parameters())
 
 
 # ----------------------------------------------------------------------- DDP and SyncBatchNorm
