@@ -106,6 +106,8 @@ def pair_levels(student: Sequence[Level], teacher: Sequence[Level], who: str,
         >>> [(p.student_key, p.teacher_key, p.name) for p in pair_levels(s, t, "teacher")]
         [('0', 'a', 's32'), ('1', 'b', 's32_1')]
     """
+    _check_read_strides(student, "student")
+    _check_read_strides(teacher, who)
     if level_map is not None:
         s_by, t_by = {lv.key: lv for lv in student}, {lv.key: lv for lv in teacher}
         bad_s = [k for k in level_map if k not in s_by]
@@ -157,6 +159,27 @@ def _pair_by_stride(student: Sequence[Level], teacher: Sequence[Level], who: str
                                   f"and the {who} has {t_keys}. Pass level_map={{student_level: teacher_level}} "
                                   f"with the pairs to distil, e.g. level_map={{{s_keys[0]!r}: {t_keys[-1]!r}}}")
     return chosen
+
+
+#: Levels that truly share a stride differ in size by the rounding of their convolutions only (17 and 16
+#: cells); sizes further apart than this ratio mean the strides were misread.
+_SAME_STRIDE_RATIO = 1.25
+
+
+def _check_read_strides(levels: Sequence[Level], side: str) -> None:
+    """Levels that share a stride must be about the same size. Levels of one stride whose sizes differ by
+    more than the rounding of a convolution mean that the strides were misread: on a 20 px canvas, 3 cells
+    and 2 cells both round to stride 8. Pairing them, and telling a loss (FGD's masks) the wrong stride,
+    would be silently wrong."""
+    for stride, lvs in _by_stride(levels).items():
+        far = [(a, b) for a in lvs for b in lvs if any(
+            x > _SAME_STRIDE_RATIO * max(y, 1) for x, y in zip(a.tensor.shape[-2:], b.tensor.shape[-2:]))]
+        if far:
+            a, b = sorted(far[0], key=lvs.index)
+            raise LevelMatchError(
+                f"expected one {side} level per stride, but levels {a.key!r} and {b.key!r} both have stride "
+                f"{stride} with sizes {tuple(a.tensor.shape[-2:])} and {tuple(b.tensor.shape[-2:])}: on a canvas "
+                f"this small the strides cannot be read off the feature sizes; use larger images")
 
 
 def _by_stride(levels: Sequence[Level]) -> Dict[int, List[Level]]:
