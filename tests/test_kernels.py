@@ -107,6 +107,52 @@ def test_pointwise_non_dense_and_many_levels(name):
     assert student[-1].grad.shape == (2, 3, 5, 7)
 
 
+# Level counts around the launch-group boundary (MAX_LEVELS levels per launch): 4 and 5 fill one
+# group partly, 6 fills it exactly, 7 spills one level into a second launch.
+LEVEL_COUNTS = [4, 5, 6, 7]
+
+
+def _many_levels(count, dtype=torch.float32, seed=0):
+    # Every level has its own shape and scale, so a level dropped, repeated or shifted to another
+    # slot changes the value and the gradients.
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(5, 7), (3, 9), (4, 4), (2, 11), (6, 3), (1, 13), (3, 5)][:count]
+    student, teacher = [], []
+    for i, (h, w) in enumerate(sizes):
+        shape = (2, 2 + i % 3, h, w)
+        student.append((torch.randn(shape, generator=g) * (1 + i)).to(dtype).requires_grad_())
+        teacher.append((torch.randn(shape, generator=g) * (1 + i)).to(dtype))
+    return student, teacher
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("count", LEVEL_COUNTS)
+def test_pointwise_level_groups_with_upstream_weight(name, reduction, count):
+    assert _common.MAX_LEVELS == 6  # LEVEL_COUNTS straddle this boundary
+    fn, ref, elem = POINTWISE[name]
+    student, teacher = _many_levels(count, seed=count)
+    loss = fn(student, teacher, reduction)
+    expected = sum(ref(s, t, reduction) for s, t in zip(student, teacher))
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    (loss * 2.5).backward()  # grad_output = 2.5, as for a loss weighted after the call
+    grads = _f64_grads(lambda S, T: sum(getattr(elem(s - t), reduction)() for s, t in zip(S, T)), student, teacher)
+    _check_grads(student, grads, torch.float32, factor=2.5)
+
+
+@pytest.mark.parametrize("count", LEVEL_COUNTS)
+@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+def test_cwd_level_groups_with_upstream_weight(count, block):
+    student, teacher = _many_levels(count, seed=10 + count)
+    loss = cwd.cwd_triton(student, teacher, tau=1.5, block=block)
+    expected = sum(reference.ref_cwd(s, t, 1.5) for s, t in zip(student, teacher))
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    weight = torch.rand((), generator=torch.Generator().manual_seed(count)) + 0.5  # a random upstream weight
+    (loss * weight).backward()
+    _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 1.5), student, teacher), torch.float32,
+                 factor=weight.item())
+
+
 @pytest.mark.parametrize("name", sorted(POINTWISE))
 def test_pointwise_teacher_constant_student_untouched(name):
     fn = POINTWISE[name][0]
@@ -219,6 +265,43 @@ def test_fgd_matches_reference(dtype, channels_last, go):
     leaf = s.detach().double().requires_grad_()
     sum(w * x for w, x in zip(go, _fgd64(leaf, t.detach().double(), fg, bg, 0.5))).backward()
     _check_grads([s], [leaf.grad], dtype)
+
+
+def _fgd_total64(s, t, fg, bg, gs, gt, temp, alpha, beta, gamma, lam):
+    l_fg, l_bg, l_att = _fgd64(s, t, fg, bg, temp)
+    l_glb = ((s + gs(s) - t - gt(t)) ** 2).sum() / s.shape[0]
+    return alpha * l_fg + beta * l_bg + gamma * l_att + lam * l_glb
+
+
+def _randomize(block, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return block
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fgd_triton_dispatch_all_four_terms(monkeypatch, channels_last):
+    # Through lrdet_core.losses.fgd(backend="triton"): focal and attention terms in the kernel, the
+    # global term eagerly; every weight non-zero and of a different size, so a dropped term shows.
+    from lrdet_core.losses import GcBlock, fgd as fgd_loss
+    from lrdet_core.losses import _common as losses_common
+
+    monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
+    s, t, fg, bg = _fgd_inputs(torch.float32, channels_last, seed=4)
+    gs, gt = _randomize(GcBlock(5), 1), _randomize(GcBlock(5), 2)
+    weights = dict(temp=0.5, alpha=0.9, beta=0.4, gamma=0.3, lam=0.2)
+    loss = fgd_loss(s, t, fg, bg, gs, gt, backend="triton", **weights)
+    expected = reference.ref_fgd(s, t, fg, bg, gs, gt, **weights)
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    leaf = s.detach().double().requires_grad_()
+    _fgd_total64(leaf, t.detach().double(), fg, bg, gs.double(), gt.double(), **weights).backward()
+    # The eager fp32 GcBlock term (LayerNorm over C/2 = 2 channels) rounds at ~1e-5 of the largest
+    # gradient; the kernel's own terms agree to ~2e-7 (lam=0). Dropping any term moves it by > 0.1.
+    expected = leaf.grad
+    torch.testing.assert_close(s.grad.double(), expected, rtol=1e-4, atol=3e-5 * expected.abs().max().item())
 
 
 def test_fgd_weights_scale_terms_and_gradient():
