@@ -327,6 +327,206 @@ def test_fgd_teacher_and_masks_constant():
     assert t.grad is None and fg.grad is None and s.grad is not None
 
 
+# ------------------------------------------------------------- GPU behaviour (issue 15)
+
+def _loss_cases():
+    """name -> (student, teacher, call) for every loss, small enough for the interpreter."""
+    def fgd_call(S, T):
+        s, t = S[0], T[0]
+        fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 40.0, 30.0]])] * s.shape[0], (56, 88), 8, (7, 11))
+        return sum(fgd.fgd_focal_attention_triton(s, t, fg.float(), bg.float(), 0.5, weights=(1e-3, 5e-4, 5e-4)))
+
+    return {"mse": lambda S, T: mse.mse_triton(S, T), "mse_mean": lambda S, T: mse.mse_triton(S, T, "mean"),
+            "l1": lambda S, T: l1.l1_triton(S, T), "l1_mean": lambda S, T: l1.l1_triton(S, T, "mean"),
+            "cwd": lambda S, T: cwd.cwd_triton(S, T), "cwd_chunked": lambda S, T: cwd.cwd_triton(S, T, block=16),
+            "fgd": fgd_call}
+
+
+LOSS_NAMES = sorted(_loss_cases())
+
+
+def _small_pair(name, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, 5, 7, 11)] if name == "fgd" else [(2, 3, 7, 11), (2, 3, 3, 5)]
+    student = [torch.randn(sh, generator=g).to(dtype).requires_grad_() for sh in shapes]
+    teacher = [torch.randn(sh, generator=g).to(dtype) for sh in shapes]
+    return student, teacher
+
+
+# Sizes where the unit-scale gradient lies below fp16's normal range (6.1e-5): mean reductions
+# over 491,520 elements (1/n not a power of two), CWD over 4096-cell rows, FGD with the RetinaNet preset weights.
+FP16_CASES = {"mse_mean": ((2, 15, 128, 128), lambda S, T: mse.mse_triton(S, T, "mean")),
+              "l1_mean": ((2, 15, 128, 128), lambda S, T: l1.l1_triton(S, T, "mean")),
+              "cwd": ((2, 4, 64, 64), lambda S, T: cwd.cwd_triton(S, T)),
+              "fgd": ((2, 8, 32, 64), None)}
+LOSS_SCALE = 65536.0
+
+
+def _fgd_fp16(S, T):
+    n, _, h, w = S[0].shape
+    fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 200.0, 120.0]])] * n, (h * 8, w * 8), 8, (h, w))
+    return sum(fgd.fgd_focal_attention_triton(S[0], T[0], fg.float(), bg.float(), 0.5, weights=(1e-3, 5e-4, 5e-4)))
+
+
+@pytest.mark.parametrize("name", sorted(FP16_CASES))
+def test_fp16_gradient_under_loss_scale_matches_eager(name):
+    # GradScaler multiplies the loss by 65536 so that fp16 gradients stay in range. The kernel must
+    # round to fp16 once, after the scale (as eager autograd does), not store a unit-scale fp16
+    # gradient that has already flushed to zero.
+    shape, fn = FP16_CASES[name]
+    fn = fn or _fgd_fp16
+    g = torch.Generator().manual_seed(7)
+    s32, t32 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    student = [s32.half().requires_grad_()]
+    (fn(student, [t32.half()]) * LOSS_SCALE).backward()
+    got = student[0].grad
+    # Eager reference: the same loss in float64 from the same fp16 values, then one rounding to fp16.
+    leaf = s32.half().double().requires_grad_()
+    if name == "fgd":
+        n, _, h, w = shape
+        fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 200.0, 120.0]])] * n, (h * 8, w * 8), 8, (h, w))
+        l_fg, l_bg, l_att = _fgd64(leaf, t32.half().double(), fg, bg, 0.5)
+        loss64 = 1e-3 * l_fg + 5e-4 * l_bg + 5e-4 * l_att
+    elif name == "cwd":
+        loss64 = _cwd64([leaf], [t32.half().double()], 1.0)
+    else:
+        elem = POINTWISE[name.split("_")[0]][2]
+        loss64 = elem(leaf - t32.half().double()).mean()
+    (loss64 * LOSS_SCALE).backward()
+    want = leaf.grad.half()
+    zeros_got = (got == 0).double().mean().item()
+    zeros_want = (want == 0).double().mean().item()
+    print(f"{name}: zeros triton {zeros_got:.4%}, eager {zeros_want:.4%}")
+    assert zeros_got <= zeros_want + 1e-4, f"{name}: {zeros_got:.2%} zeros vs eager {zeros_want:.2%}"
+    # One fp16 rounding on each side: one ulp apart (relative 2**-10), plus the fp32 cancellation
+    # of CWD's p_s - p_t (absolute, ~1e-6 of the largest gradient).
+    torch.testing.assert_close(got.double(), want.double(), rtol=2 ** -10, atol=1e-5 * want.abs().max().item())
+
+
+class _Recorder:
+    """Stands in for ``torch.cuda.device``: records the devices entered and how deep we are."""
+
+    entered: list = []
+    depth = 0
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        type(self).entered.append(self.device)
+        type(self).depth += 1
+
+    def __exit__(self, *exc):
+        type(self).depth -= 1
+
+
+def _kernel_objects():
+    """Every launchable kernel of the package, as (module, attribute name)."""
+    return [(mod, name) for mod in (_common, _pointwise, cwd, fgd) for name, obj in vars(mod).items()
+            if name.endswith("_kernel") and isinstance(obj, InterpretedFunction)]
+
+
+class _LaunchSpy:
+    """Wraps a kernel; every ``kernel[grid](...)`` is logged (name, guard depth, devices entered), then run."""
+
+    active: list = []  # non-empty while a kernel runs
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append((self.name, _Recorder.depth, list(_Recorder.entered)))
+            _LaunchSpy.active.append(self.name)
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                _LaunchSpy.active.pop()
+        return run
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_launch_runs_under_the_tensors_device(monkeypatch, name):
+    # No second GPU here: the CUDA branch of the guard is taken with a recording torch.cuda.device,
+    # and every kernel launch (forward and backward) must happen inside it, for the tensors' device.
+    log: list = []
+    _Recorder.entered, _Recorder.depth = [], 0
+    monkeypatch.setattr(_common, "_is_cuda", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "device", _Recorder)
+    for mod, attr in _kernel_objects():
+        monkeypatch.setattr(mod, attr, _LaunchSpy(getattr(mod, attr), attr, log))
+    student, teacher = _small_pair(name)
+    _loss_cases()[name](student, teacher).backward()
+    assert log, "no kernel was launched"
+    outside = [k for k, depth, _ in log if depth == 0]
+    assert not outside, f"launched outside torch.cuda.device: {outside}"
+    assert all(entered[-1] == student[0].device for _, _, entered in log)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_nothing_of_gradient_size_outlives_backward(name):
+    # The gradient handed to autograd must not also be kept by the graph (ctx) after backward:
+    # once .grad is dropped, it is freed while the loss tensor (and its graph) is still alive.
+    import gc
+    import weakref
+
+    student, teacher = _small_pair(name)
+    refs = []
+    for s in student:
+        s.register_hook(lambda g: refs.append(weakref.ref(g)))
+    loss = _loss_cases()[name](student, teacher)
+    loss.backward()
+    assert len(refs) == len(student)
+    for s in student:
+        s.grad = None
+    gc.collect()
+    assert all(r() is None for r in refs), "a gradient buffer is still referenced after backward"
+    assert loss.grad_fn is not None  # the graph is still alive: it is not what freed the buffer
+
+
+_COPY_OPS = ("aten._to_copy", "aten.copy_", "aten.clone", "aten.contiguous")
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
+    # A bf16 student with an fp32 teacher, through the library's dispatch (backend="triton"): no op
+    # outside the kernels may copy or cast a tensor of the features' size.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lrdet_core.losses import _common as losses_common
+    from lrdet_core.losses import cwd as cwd_loss, l1 as l1_loss, mse as mse_loss
+
+    monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
+    for mod, attr in _kernel_objects():
+        monkeypatch.setattr(mod, attr, _LaunchSpy(getattr(mod, attr), attr, []))
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 7, 11, generator=g).bfloat16().requires_grad_()
+    t = torch.randn(2, 5, 7, 11, generator=g)
+    big = s.numel()
+    copies = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # The interpreter itself copies kernel arguments to and from the host: not counted.
+            if not _LaunchSpy.active and str(func.overloadpacket) in _COPY_OPS:
+                sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+                if sizes and max(sizes) >= big:
+                    copies.append((str(func), sizes))
+            return out
+
+    fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 40.0, 30.0]])] * 2, (56, 88), 8, (7, 11))
+    calls = {"mse": lambda: mse_loss(s, t, backend="triton"), "l1": lambda: l1_loss(s, t, backend="triton"),
+             "cwd": lambda: cwd_loss(s, t, backend="triton"),
+             # the focal/attention kernel behind the dispatch (FGD's global term is eager fp32 by design)
+             "fgd": lambda: sum(fgd.fgd_focal_attention_triton(*losses_common.triton_inputs(s, t), fg.float(),
+                                                               bg.float(), 0.5))}
+    with Watch():
+        calls[name]().backward()
+    assert s.grad is not None and s.grad.dtype == torch.bfloat16
+    assert not copies, f"copies of feature-sized tensors: {copies}"
+
+
 # --------------------------------------------------------------------- shared properties
 
 def _run_all(seed):

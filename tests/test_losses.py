@@ -532,7 +532,7 @@ def test_triton_backend_calls_kernels_with_all_levels(fake_kernels):
     assert CWDLoss(tau=2.0, weight=3.0, backend="triton")(s, t).item() == 21.0
     (name, (ss, ts, reduction), _), (_, (_, _, reduction_l1), _) = fake_kernels[:2]
     assert name == "mse" and len(ss) == 3 and reduction == "sum" and reduction_l1 == "mean"
-    assert ss[1].dtype == ts[1].dtype == torch.float32  # a bf16/fp32 pair is promoted, not passed mixed
+    assert ss[1] is s[1] and ss[1].dtype == torch.bfloat16 and ts[1].dtype == torch.float32  # a bf16/fp32 pair: no copy
     assert fake_kernels[2][1][2] == 2.0
     ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
     loss = FGDLoss(channels=[4, 4, 4], backend="triton", lam=0.0)
