@@ -527,6 +527,25 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
     assert not copies, f"copies of feature-sized tensors: {copies}"
 
 
+# The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
+# (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
+BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (2, 1)), "fgd": ((4, 3), (15, 5))}
+
+
+@pytest.mark.parametrize("name", sorted(BYTES_AND_LAUNCHES))
+def test_bytes_and_launches_table(name):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import count_launches
+
+    (fwd, bwd), (fwd_launch, bwd_launch) = BYTES_AND_LAUNCHES[name]
+    acc = count_launches.accesses(name)
+    assert (acc["fwd_accesses"], acc["bwd_accesses"]) == (fwd, bwd)
+    got = count_launches.launches(name, 2)
+    assert (got["fwd_triton"], got["bwd_triton"]) == (fwd_launch, bwd_launch)
+    if name in ("mse", "l1"):
+        assert got["fwd_torch"] == got["bwd_torch"] == 0  # nothing but the kernels launches
+
+
 # --------------------------------------------------------------------- shared properties
 
 def _run_all(seed):

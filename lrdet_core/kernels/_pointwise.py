@@ -109,10 +109,14 @@ def run(pairs: Sequence[Tuple[Tensor, Tensor]], reduction: str, absolute: bool,
     blocks = [triton.cdiv(s.numel(), BLOCK) for s, _ in pairs]
     dev = pairs[0][0].device
     total = sum(blocks)
-    # Every program writes its partial; only an all-empty input leaves the one slot unwritten.
-    partials = (torch.empty(total, dtype=torch.float32, device=dev) if total and not backward
-                else torch.zeros(1, dtype=torch.float32, device=dev))
-    go = grad_factor(grad_output) if backward else partials
+    if backward:
+        go = grad_factor(grad_output)
+        partials = go  # not written by the backward launch
+    else:
+        # Every program writes its partial; only an all-empty input leaves the one slot unwritten.
+        partials = (torch.empty(total, dtype=torch.float32, device=dev) if total
+                    else torch.zeros(1, dtype=torch.float32, device=dev))
+        go = partials  # not read by the forward launch
     offset = 0
     for group in level_groups(len(pairs)):
         args: list = []

@@ -47,7 +47,7 @@ from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, grad_fac
 #: longer rows are walked in BLOCK = 4096 chunks. One BLOCK per launch, chosen by the longest
 #: row, so short levels waste masked lanes but never memory traffic.
 BLOCKS = (256, 1024, 4096)
-NUM_WARPS = {256: 2, 1024: 4, 4096: 16}  # 8 elements per thread per tensor at most
+NUM_WARPS = {256: 1, 1024: 4, 4096: 16}  # 8 elements per thread per tensor: 128-bit bf16 loads
 #: channels_last rows are strided (scalar loads whatever the block), so a wider program buys
 #: nothing there; and at 16 warps triton 3.6 capped ptxas at 64 registers and spilled on sm80.
 BLOCKS_CL = (256, 1024)
