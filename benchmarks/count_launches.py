@@ -37,15 +37,15 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lrdet_core.kernels import _common, _pointwise, cwd, fgd  # noqa: E402
+from lrdet_core.kernels import _common, _cwd_channels_last, _pointwise, cwd, fgd  # noqa: E402
 from lrdet_core.losses import _common as losses_common  # noqa: E402
 from lrdet_core.losses import CWDLoss, FGDLoss, L1Loss, MSELoss  # noqa: E402
 
 RETINANET = ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11))
 STRIDES = (8, 16, 32, 64, 128)
 CANVAS = (800, 1344)
-LOSSES = ("mse", "l1", "cwd", "fgd")
-KERNEL_MODULES = (_common, _pointwise, cwd, fgd)
+LOSSES = ("mse", "l1", "cwd", "cwd_cl", "fgd")  # cwd_cl: CWD on channels_last features
+KERNEL_MODULES = (_common, _pointwise, _cwd_channels_last, cwd, fgd)
 #: Ops that launch no kernel on a GPU: views, allocations, metadata.
 NO_LAUNCH = {"view", "_unsafe_view", "reshape", "detach", "unbind", "select", "slice", "as_strided", "expand",
              "t", "transpose", "permute", "unsqueeze", "squeeze", "alias", "empty", "empty_like", "empty_strided",
@@ -113,14 +113,19 @@ def _boxes(n: int, device) -> list:
 def _module(loss: str, channels: int, device, levels: int) -> Callable:
     if loss == "fgd":
         return FGDLoss(channels=[channels] * levels, backend="triton").to(device)
-    return {"mse": MSELoss, "l1": L1Loss, "cwd": CWDLoss}[loss](backend="triton")
+    return {"mse": MSELoss, "l1": L1Loss, "cwd": CWDLoss, "cwd_cl": CWDLoss}[loss](backend="triton")
+
+
+def _layout(loss: str, x: torch.Tensor) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last) if loss == "cwd_cl" else x
 
 
 def launches(loss: str, n: int, c: int = 256, levels=RETINANET) -> Dict[str, int]:
     """Triton launches and other kernel-launching torch ops of one call, forward and backward."""
     dev = torch.device("meta")
-    student = [torch.empty(n, c, h, w, device=dev, dtype=torch.bfloat16).requires_grad_() for h, w in levels]
-    teacher = [torch.empty(n, c, h, w, device=dev, dtype=torch.bfloat16) for h, w in levels]
+    student = [_layout(loss, torch.empty(n, c, h, w, device=dev, dtype=torch.bfloat16)).requires_grad_()
+               for h, w in levels]
+    teacher = [_layout(loss, torch.empty(n, c, h, w, device=dev, dtype=torch.bfloat16)) for h, w in levels]
     ctx = SimpleNamespace(boxes=_boxes(n, dev), strides=STRIDES[:len(levels)], canvas_size=CANVAS)
     module = _module(loss, c, dev, len(levels))
     counter = _Counter()
@@ -167,8 +172,8 @@ def accesses(loss: str, n: int = 2, c: int = 8, levels=((12, 20), (6, 10), (3, 5
         return real_store(self, ptrs, value, mask, *args)
 
     g = torch.Generator().manual_seed(0)
-    student = [torch.randn(n, c, h, w, generator=g).bfloat16().requires_grad_() for h, w in levels]
-    teacher = [torch.randn(n, c, h, w, generator=g).bfloat16() for h, w in levels]
+    student = [_layout(loss, torch.randn(n, c, h, w, generator=g).bfloat16()).requires_grad_() for h, w in levels]
+    teacher = [_layout(loss, torch.randn(n, c, h, w, generator=g).bfloat16()) for h, w in levels]
     elements = sum(s.numel() for s in student)
     canvas = (levels[0][0] * 8, levels[0][1] * 8)
     ctx = SimpleNamespace(boxes=[torch.tensor([[8.0, 8.0, 60.0, 40.0]])] * n, strides=STRIDES[:len(levels)],

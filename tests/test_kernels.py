@@ -21,11 +21,11 @@ import torch
 # tests/test_kernels_compile.py removes it for its own subprocess.
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-from lrdet_core.kernels import _common, _pointwise, cwd, fgd, l1, mse  # noqa: E402
+from lrdet_core.kernels import _common, _cwd_channels_last, _pointwise, cwd, fgd, l1, mse  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 if not isinstance(_common._sum_partials_kernel, InterpretedFunction):
-    for _mod in (_common, _pointwise, mse, l1, cwd, fgd):
+    for _mod in (_common, _pointwise, mse, l1, _cwd_channels_last, cwd, fgd):
         importlib.reload(_mod)
 
 from lrdet_core.errors import LossError  # noqa: E402
@@ -142,8 +142,12 @@ def test_pointwise_level_groups_with_upstream_weight(name, reduction, count):
 
 @pytest.mark.parametrize("count", LEVEL_COUNTS)
 @pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
-def test_cwd_level_groups_with_upstream_weight(count, block):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cwd_level_groups_with_upstream_weight(count, block, channels_last):
     student, teacher = _many_levels(count, seed=10 + count)
+    if channels_last:
+        student = [s.detach().to(memory_format=torch.channels_last).requires_grad_() for s in student]
+        teacher = [t.to(memory_format=torch.channels_last) for t in teacher]
     loss = cwd.cwd_triton(student, teacher, tau=1.5, block=block)
     expected = sum(reference.ref_cwd(s, t, 1.5) for s, t in zip(student, teacher))
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
@@ -339,7 +343,12 @@ def _loss_cases():
     return {"mse": lambda S, T: mse.mse_triton(S, T), "mse_mean": lambda S, T: mse.mse_triton(S, T, "mean"),
             "l1": lambda S, T: l1.l1_triton(S, T), "l1_mean": lambda S, T: l1.l1_triton(S, T, "mean"),
             "cwd": lambda S, T: cwd.cwd_triton(S, T), "cwd_chunked": lambda S, T: cwd.cwd_triton(S, T, block=16),
+            "cwd_nhwc": lambda S, T: cwd.cwd_triton([_nhwc(s) for s in S], [_nhwc(t) for t in T], block=32),
             "fgd": fgd_call}
+
+
+def _nhwc(x):
+    return x.to(memory_format=torch.channels_last)
 
 
 LOSS_NAMES = sorted(_loss_cases())
@@ -422,7 +431,8 @@ class _Recorder:
 
 def _kernel_objects():
     """Every launchable kernel of the package, as (module, attribute name)."""
-    return [(mod, name) for mod in (_common, _pointwise, cwd, fgd) for name, obj in vars(mod).items()
+    modules = (_common, _pointwise, _cwd_channels_last, cwd, fgd)
+    return [(mod, name) for mod in modules for name, obj in vars(mod).items()
             if name.endswith("_kernel") and isinstance(obj, InterpretedFunction)]
 
 
@@ -529,7 +539,8 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
 
 # The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
 # (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
-BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (2, 1)), "fgd": ((4, 3), (15, 5))}
+BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (2, 1)),
+                      "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (15, 5))}
 
 
 @pytest.mark.parametrize("name", sorted(BYTES_AND_LAUNCHES))

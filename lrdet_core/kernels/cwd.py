@@ -23,12 +23,12 @@ Bytes moved (minimum, per element): forward **2** element accesses (read S and T
 computed in fp32 with ``grad_output`` folded in and rounded once to the student's dtype (no
 stored unit-scale buffer that fp16 would flush to zero under a GradScaler).
 
-Layouts: contiguous NCHW (rows are unit-stride) and channels_last (rows have stride C; one
-program reads a strided row, neighbouring programs read the neighbouring channels, so a
-cache line is shared by consecutive programs through L2) are indexed without a copy. Other
-layouts, or a student and teacher in different layouts, fall back to ``.contiguous()``.
-All levels of one launch share the layout flag; when levels disagree the channels_last ones
-are made contiguous. Student and teacher dtypes may differ (converted in registers).
+Layouts: contiguous NCHW (rows are unit-stride) is walked row by row here; channels_last (rows
+have stride C) goes to :mod:`._cwd_channels_last`, which tiles cells x contiguous channels and
+splits long rows over several programs. Both are indexed without a copy. Other layouts, or a
+student and teacher in different layouts, fall back to ``.contiguous()``. All levels of one
+call share the layout; when levels disagree the channels_last ones are made contiguous.
+Student and teacher dtypes may differ (converted in registers).
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
+from . import _cwd_channels_last
+from ._cwd_channels_last import _cwd_cl_combine_kernel, _cwd_cl_kernel  # noqa: F401 (named in SPECIALISATIONS)
 from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, grad_factor, launch,
                       level_groups, nchw_layout, sum_partials)
 
@@ -48,33 +50,25 @@ from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, grad_fac
 #: row, so short levels waste masked lanes but never memory traffic.
 BLOCKS = (256, 1024, 4096)
 NUM_WARPS = {256: 1, 1024: 4, 4096: 16}  # 8 elements per thread per tensor: 128-bit bf16 loads
-#: channels_last rows are strided (scalar loads whatever the block), so a wider program buys
-#: nothing there; and at 16 warps triton 3.6 capped ptxas at 64 registers and spilled on sm80.
-BLOCKS_CL = (256, 1024)
 #: Integer arguments the JIT does not specialise (each specialisation of this kernel costs
 #: seconds to compile, and the pyramid changes with every multi-scale input size): the program
-#: range ends and the channel counts (only a stride under channels_last, where loads are
-#: scalar anyway). ``HW_i`` stays specialised: ``HW % 16 == 0`` aligns NCHW rows for vector loads.
+#: range ends and the channel counts (not used for addressing). ``HW_i`` stays specialised:
+#: ``HW % 16 == 0`` aligns the rows for vector loads.
 NO_SPECIALISE = [f"{k}{i}" for i in range(MAX_LEVELS) for k in ("C", "e")]
 
 
 @triton.jit
-def _row_offsets(row, C, HW, cur, CL: tl.constexpr):
-    row = row.to(tl.int64)
-    if CL:
-        # channels_last: element (n, c, hw) lives at (n * HW + hw) * C + c.
-        return (row // C) * HW * C + row % C + cur.to(tl.int64) * C
-    else:
-        return row * HW + cur
+def _row_offsets(row, HW, cur):
+    return row.to(tl.int64) * HW + cur
 
 
 @triton.jit
 def _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_tau,
-                     BLOCK: tl.constexpr, CL: tl.constexpr):
+                     BLOCK: tl.constexpr):
     idx = tl.arange(0, BLOCK)
     if HW <= BLOCK:
         mask = idx < HW
-        offs = _row_offsets(row, C, HW, idx, CL)
+        offs = _row_offsets(row, HW, idx)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         # Padded lanes become -inf before max/exp so they contribute exp(-inf) = 0; they are
@@ -97,7 +91,7 @@ def _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_ta
         for start in range(0, HW, BLOCK):
             cur = start + idx
             mask = cur < HW
-            offs = _row_offsets(row, C, HW, cur, CL)
+            offs = _row_offsets(row, HW, cur)
             s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
             t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
             new_s = tl.maximum(m_s, tl.where(mask, s, float("-inf")))
@@ -129,14 +123,14 @@ def _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_ta
 
 @triton.jit
 def _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, v, inv_tau,
-                      BLOCK: tl.constexpr, CL: tl.constexpr):
+                      BLOCK: tl.constexpr):
     lse_s = tl.load(lse_ptr + 2 * pid)
     lse_t = tl.load(lse_ptr + 2 * pid + 1)
     idx = tl.arange(0, BLOCK)
     for start in range(0, HW, BLOCK):
         cur = start + idx
         mask = cur < HW
-        offs = _row_offsets(row, C, HW, cur, CL)
+        offs = _row_offsets(row, HW, cur)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         g = v * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
@@ -145,11 +139,11 @@ def _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, v, inv_tau,
 
 @triton.jit
 def _cwd_row(s_ptr, t_ptr, g_ptr, part_ptr, lse_ptr, go, pid, row, C, HW, w, v, inv_tau,
-             BLOCK: tl.constexpr, CL: tl.constexpr, GRAD: tl.constexpr):
+             BLOCK: tl.constexpr, GRAD: tl.constexpr):
     if GRAD:
-        _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, go * v, inv_tau, BLOCK, CL)
+        _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, go * v, inv_tau, BLOCK)
     else:
-        _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_tau, BLOCK, CL)
+        _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_tau, BLOCK)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALISE)
@@ -160,7 +154,7 @@ def _cwd_kernel(part_ptr, lse_ptr, go_ptr, inv_tau,
                 s3, t3, g3, C3, HW3, e3, w3, v3,
                 s4, t4, g4, C4, HW4, e4, w4, v4,
                 s5, t5, g5, C5, HW5, e5, w5, v5,
-                BLOCK: tl.constexpr, CL: tl.constexpr, GRAD: tl.constexpr):
+                BLOCK: tl.constexpr, GRAD: tl.constexpr):
     # GRAD=False: forward (KL partial and the two logsumexps per row). GRAD=True: backward, the
     # gradient times grad_output read on the device (no host sync, graph-capturable).
     # Level i owns programs [e_{i-1}, e_i); unused slots have empty ranges.
@@ -169,26 +163,25 @@ def _cwd_kernel(part_ptr, lse_ptr, go_ptr, inv_tau,
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
     if pid < e0:
-        _cwd_row(s0, t0, g0, part_ptr, lse_ptr, go, pid, pid, C0, HW0, w0, v0, inv_tau, BLOCK, CL, GRAD)
+        _cwd_row(s0, t0, g0, part_ptr, lse_ptr, go, pid, pid, C0, HW0, w0, v0, inv_tau, BLOCK, GRAD)
     if (pid >= e0) & (pid < e1):
-        _cwd_row(s1, t1, g1, part_ptr, lse_ptr, go, pid, pid - e0, C1, HW1, w1, v1, inv_tau, BLOCK, CL, GRAD)
+        _cwd_row(s1, t1, g1, part_ptr, lse_ptr, go, pid, pid - e0, C1, HW1, w1, v1, inv_tau, BLOCK, GRAD)
     if (pid >= e1) & (pid < e2):
-        _cwd_row(s2, t2, g2, part_ptr, lse_ptr, go, pid, pid - e1, C2, HW2, w2, v2, inv_tau, BLOCK, CL, GRAD)
+        _cwd_row(s2, t2, g2, part_ptr, lse_ptr, go, pid, pid - e1, C2, HW2, w2, v2, inv_tau, BLOCK, GRAD)
     if (pid >= e2) & (pid < e3):
-        _cwd_row(s3, t3, g3, part_ptr, lse_ptr, go, pid, pid - e2, C3, HW3, w3, v3, inv_tau, BLOCK, CL, GRAD)
+        _cwd_row(s3, t3, g3, part_ptr, lse_ptr, go, pid, pid - e2, C3, HW3, w3, v3, inv_tau, BLOCK, GRAD)
     if (pid >= e3) & (pid < e4):
-        _cwd_row(s4, t4, g4, part_ptr, lse_ptr, go, pid, pid - e3, C4, HW4, w4, v4, inv_tau, BLOCK, CL, GRAD)
+        _cwd_row(s4, t4, g4, part_ptr, lse_ptr, go, pid, pid - e3, C4, HW4, w4, v4, inv_tau, BLOCK, GRAD)
     if (pid >= e4) & (pid < e5):
-        _cwd_row(s5, t5, g5, part_ptr, lse_ptr, go, pid, pid - e4, C5, HW5, w5, v5, inv_tau, BLOCK, CL, GRAD)
+        _cwd_row(s5, t5, g5, part_ptr, lse_ptr, go, pid, pid - e4, C5, HW5, w5, v5, inv_tau, BLOCK, GRAD)
 
 
-def pick_block(longest_row: int, channels_last: bool = False) -> int:
+def pick_block(longest_row: int) -> int:
     """The smallest ladder BLOCK holding the longest row, else the largest (rows walked in chunks)."""
-    ladder = BLOCKS_CL if channels_last else BLOCKS
-    for block in ladder:
+    for block in BLOCKS:
         if longest_row <= block:
             return block
-    return ladder[-1]
+    return BLOCKS[-1]
 
 
 def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float) -> tuple:
@@ -209,9 +202,13 @@ def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float) ->
     return pairs, channels_last
 
 
-def run(pairs: Sequence[tuple], channels_last: bool, tau: float, block: int, lse: Tensor,
+def run(pairs: Sequence[tuple], channels_last: bool, tau: float, block: Optional[int], lse: Tensor,
         grads: Sequence[Tensor] = (), grad_output: Optional[Tensor] = None) -> Optional[Tensor]:
     """Forward (no ``grads``): the loss, filling ``lse``. Backward: fill ``grads`` from ``lse``."""
+    if channels_last:
+        return _cwd_channels_last.run(pairs, tau, lse, block, grads, grad_output)
+    if block is None:
+        block = pick_block(max(s.shape[2] * s.shape[3] for s, _ in pairs))
     backward = bool(grads)
     rows = [s.shape[0] * s.shape[1] for s, _ in pairs]
     dev = pairs[0][0].device
@@ -236,7 +233,7 @@ def run(pairs: Sequence[tuple], channels_last: bool, tau: float, block: int, lse
                 args += [s, t, g, 1, 0, end, 0.0, 0.0]
         if end:
             launch(_cwd_kernel, (end,), pairs[0][0], partials[offset:], lse[2 * offset:], go, 1.0 / tau, *args,
-                   BLOCK=block, CL=channels_last, GRAD=backward, num_warps=NUM_WARPS.get(block, 4))
+                   BLOCK=block, GRAD=backward, num_warps=NUM_WARPS.get(block, 4))
         offset += end
     return None if backward else sum_partials(partials)
 
@@ -247,8 +244,6 @@ class CWDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tau: float, block: Optional[int], n_levels: int, *tensors: Tensor) -> Tensor:
         pairs, channels_last = prepare(tensors[:n_levels], tensors[n_levels:], tau)
-        if block is None:
-            block = pick_block(max(s.shape[2] * s.shape[3] for s, _ in pairs), channels_last)
         rows = sum(s.shape[0] * s.shape[1] for s, _ in pairs)
         lse = torch.empty(2 * max(rows, 1), dtype=torch.float32, device=pairs[0][0].device)
         loss = run(pairs, channels_last, tau, block, lse)
@@ -275,8 +270,10 @@ def cwd_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float 
         student: the student's levels; they receive gradients.
         teacher: the teacher's levels, same shapes; treated as constants (no gradient).
         tau: softmax temperature (> 0).
-        block: row block size override (a power of two). Rows longer than ``block`` are walked
-            in chunks; tests use a small value to exercise that path. Default: from :data:`BLOCKS`.
+        block: contiguous NCHW: row block size override (a power of two); rows longer than
+            ``block`` are walked in chunks. channels_last: cells per program (rows longer than
+            that are split over programs). Tests use a small value to exercise those paths.
+            Default: from :data:`BLOCKS` (NCHW), ``_cwd_channels_last.CHUNK`` (channels_last).
 
     Shape:
         student[i], teacher[i]: ``(N, C, H, W)``, fp32/bf16/fp16 each (the gradient has the student's dtype).
@@ -290,17 +287,16 @@ def _specialisations() -> list:
     # fp16 compiles to bf16's code up to the convert instructions; the compile test checks bf16 for both.
     pairs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
     for sdt, tdt in pairs:
-        for cl in (False, True):
-            for block in BLOCKS_CL if cl else BLOCKS:
-                for grad in (False, True):
-                    sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "go_ptr": "*fp32", "inv_tau": "fp32"}
-                    for i in range(MAX_LEVELS):
-                        sig.update({f"s{i}": f"*{TRITON_DTYPE[sdt]}", f"t{i}": f"*{TRITON_DTYPE[tdt]}",
-                                    f"g{i}": f"*{TRITON_DTYPE[sdt]}", f"C{i}": "i32", f"HW{i}": "i32",
-                                    f"e{i}": "i32", f"w{i}": "fp32", f"v{i}": "fp32"})
-                    sig.update({"BLOCK": "constexpr", "CL": "constexpr", "GRAD": "constexpr"})
-                    out.append(("_cwd_kernel", sig, {"BLOCK": block, "CL": cl, "GRAD": grad}, NUM_WARPS[block]))
-    return out
+        for block in BLOCKS:
+            for grad in (False, True):
+                sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "go_ptr": "*fp32", "inv_tau": "fp32"}
+                for i in range(MAX_LEVELS):
+                    sig.update({f"s{i}": f"*{TRITON_DTYPE[sdt]}", f"t{i}": f"*{TRITON_DTYPE[tdt]}",
+                                f"g{i}": f"*{TRITON_DTYPE[sdt]}", f"C{i}": "i32", f"HW{i}": "i32",
+                                f"e{i}": "i32", f"w{i}": "fp32", f"v{i}": "fp32"})
+                sig.update({"BLOCK": "constexpr", "GRAD": "constexpr"})
+                out.append(("_cwd_kernel", sig, {"BLOCK": block, "GRAD": grad}, NUM_WARPS[block]))
+    return out + _cwd_channels_last.specialisations(pairs)
 
 
 #: Every (kernel, signature, constexprs, num_warps) this module launches (see tests/test_kernels_compile.py).
