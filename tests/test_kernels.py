@@ -141,7 +141,7 @@ def test_pointwise_level_groups_with_upstream_weight(name, reduction, count):
 
 
 @pytest.mark.parametrize("count", LEVEL_COUNTS)
-@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_cwd_level_groups_with_upstream_weight(count, block, channels_last):
     student, teacher = _many_levels(count, seed=10 + count)
@@ -182,9 +182,9 @@ def _cwd64(student, teacher, tau):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 def test_cwd_matches_reference(dtype, channels_last, block):
-    # block=16 pushes every level (rows of 15 to 273 cells) except 3x5 through the two-pass path.
+    # block=16 walks every level (rows of 15 to 273 cells) except 3x5 in chunks (channels_last: 32-cell chunks).
     student, teacher = _levels(dtype, channels_last, scale=3.0)
     loss = cwd.cwd_triton(student, teacher, tau=2.0, block=block)
     expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
@@ -194,7 +194,7 @@ def test_cwd_matches_reference(dtype, channels_last, block):
     _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 2.0), student, teacher), dtype, factor=2.0)
 
 
-@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 def test_cwd_huge_logits_finite(block):
     student, teacher = _levels(torch.float32, scale=1e4)
     loss = cwd.cwd_triton(student, teacher, block=block)

@@ -4,8 +4,11 @@ One module per loss, named like the loss: :mod:`~lrdet_core.kernels.mse`,
 :mod:`~lrdet_core.kernels.l1`, :mod:`~lrdet_core.kernels.cwd`, :mod:`~lrdet_core.kernels.fgd`.
 Each holds the Triton kernel(s), a ``torch.autograd.Function`` and a plain function
 (``mse_triton``, ``l1_triton``, ``cwd_triton``, ``fgd_focal_attention_triton``), plus a
-``SPECIALISATIONS`` tuple listing every (dtype, constexpr) combination the launcher can pick,
-which ``tests/test_kernels_compile.py`` compiles for sm80 and sm90 and checks for spills.
+``SPECIALISATIONS`` tuple listing the (dtype pair, constexpr) combinations the launcher can pick
+(every constexpr combination; fp32, bf16 and a bf16 student with an fp32 teacher for CWD and FGD,
+whose fp16 code differs from bf16's only in the converts), which ``tests/test_kernels_compile.py``
+compiles for sm80 and sm90, as the JIT specialises them for a feature pyramid, and checks for
+spills and vector width. ``_cwd_channels_last`` holds CWD's kernels for channels_last features.
 
 This package file imports nothing: Triton is only imported by the kernel modules themselves,
 so ``import lrdet_core`` and ``import lrdet_core.kernels`` never pull it in.

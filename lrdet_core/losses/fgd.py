@@ -306,7 +306,7 @@ def fgd(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
         check_pair(student, teacher)
         s, t = triton_inputs(student, teacher)
         kernel = load_kernel("fgd", "fgd_focal_attention_triton")
-        # Weights go into the kernel: its backward then rescales one buffer instead of recomputing.
+        # Weights go into the kernel, which folds them into the per-pixel and per-channel factors of its backward.
         l_fg, l_bg, l_att = kernel(s, t, fg_mask, bg_mask, check_positive("temp", temp),
                                    weights=(alpha, beta, gamma))
         return l_fg + l_bg + l_att + lam * fgd_global(student, teacher, gc_student, gc_teacher)
