@@ -230,8 +230,9 @@ def run(pairs: Sequence[tuple], tau: float, lse: Tensor, chunk: Optional[int] = 
     if backward:
         return None
     partials = torch.empty(total, dtype=torch.float32, device=dev)
-    launch(_cwd_cl_combine_kernel, (triton.cdiv(total, COMBINE_ROWS),), dev_tensor, stats, nk, w, lse, partials,
-           total, kmax, BLOCK_R=COMBINE_ROWS, num_warps=4)
+    if total:
+        launch(_cwd_cl_combine_kernel, (triton.cdiv(total, COMBINE_ROWS),), dev_tensor, stats, nk, w, lse, partials,
+               total, kmax, BLOCK_R=COMBINE_ROWS, num_warps=4)
     return sum_partials(partials)
 
 
