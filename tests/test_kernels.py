@@ -194,6 +194,22 @@ def test_cwd_matches_reference(dtype, channels_last, block):
     _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 2.0), student, teacher), dtype, factor=2.0)
 
 
+def test_cwd_block_per_level_launches():
+    # Levels whose rows pick three different BLOCKs (64x64 -> 4096, 32x32 -> 1024, 5x7 and 3x5 -> 256),
+    # interleaved, so the launch plan regroups them and the partial/logsumexp offsets must follow.
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 2, 32, 32), (2, 3, 5, 7), (1, 2, 64, 64), (2, 2, 3, 5)]
+    student = [(torch.randn(sh, generator=g) * 2).requires_grad_() for sh in shapes]
+    teacher = [torch.randn(sh, generator=g) * 2 for sh in shapes]
+    plan = cwd.launch_plan([sh[2] * sh[3] for sh in shapes], None)
+    assert [b for b, _ in plan] == [4096, 1024, 256] and plan[2][1] == [1, 3]
+    loss = cwd.cwd_triton(student, teacher, tau=2.0)
+    expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    (loss * 1.7).backward()
+    _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 2.0), student, teacher), torch.float32, factor=1.7)
+
+
 @pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 def test_cwd_huge_logits_finite(block):
     student, teacher = _levels(torch.float32, scale=1e4)
@@ -539,7 +555,8 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
 
 # The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
 # (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
-BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (2, 1)),
+# CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
+BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (4, 3)),
                       "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (15, 5))}
 
 
