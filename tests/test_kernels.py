@@ -572,6 +572,8 @@ def test_bytes_and_launches_table(name):
     assert (got["fwd_triton"], got["bwd_triton"]) == (fwd_launch, bwd_launch)
     if name in ("mse", "l1"):
         assert got["fwd_torch"] == got["bwd_torch"] == 0  # nothing but the kernels launches
+    if name == "fgd":  # the masks of all images are built by the same ops, whatever the batch
+        assert count_launches.launches(name, 16)["fwd_torch"] == got["fwd_torch"]
 
 
 # --------------------------------------------------------------------- shared properties

@@ -114,9 +114,12 @@ def fgd_masks(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], stride: flo
     fg = torch.zeros(n, h, w, device=device)
     if k:
         # float64 box arithmetic: floor/ceil at exact cell edges must not depend on fp32 rounding.
-        padded = torch.full((n, k, 4), float("nan"), dtype=torch.float64, device=device)
-        for i, b in enumerate(boxes):
-            padded[i, : b.shape[0]] = b.detach().reshape(-1, 4).to(device=device, dtype=torch.float64)
+        padded = torch.full((n * k, 4), float("nan"), dtype=torch.float64, device=device)
+        # One scatter for all images (a copy per image was two kernel launches per image on a GPU).
+        slots = [i * k + j for i, b in enumerate(boxes) for j in range(int(b.shape[0]))]
+        flat = torch.cat([b.detach().reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float64)
+        padded[torch.tensor(slots, dtype=torch.long).to(device)] = flat
+        padded = padded.reshape(n, k, 4)
         x1, y1, x2, y2 = padded.unbind(dim=-1)
         valid = (torch.isfinite(padded).all(dim=-1) & (x2 >= x1) & (y2 >= y1)
                  & (x1 <= canvas_w) & (y1 <= canvas_h) & (x2 >= 0) & (y2 >= 0))
