@@ -13,12 +13,14 @@ Conventions shared with :mod:`lrdet_core.losses` (the spec in issue 3):
 
 * ``student`` first, ``teacher`` second; every input is ``N x C x H x W``.
 * CWD: ``tau**2 / (N * C) * sum_{n,c} KL(softmax_hw(T / tau) || softmax_hw(S / tau))``.
-* FGD masks: a box is mapped to the grid of a level with that level's stride on the padded
-  canvas; ``wmin = floor(x1 / stride)``, ``wmax = ceil(x2 / stride)`` (same for ``h`` with
-  ``y``), indices clamped into the grid, and the cells ``[hmin, hmax] x [wmin, wmax]`` (both
-  ends included) get ``max(current, 1 / ((hmax + 1 - hmin) * (wmax + 1 - wmin)))``.
-  Boxes that are inverted (``x2 < x1`` or ``y2 < y1``), not finite, or entirely outside the
-  canvas are ignored; the others are clipped to the canvas first.
+* FGD masks (the FGD authors' rule): a box is mapped to the grid of a level with that level's
+  stride on the padded canvas; ``wmin = floor(x1 / stride)``, ``wmax = ceil(x2 / stride)``
+  (same for ``h`` with ``y``), *not* clamped, and its weight is
+  ``1 / ((hmax + 1 - hmin) * (wmax + 1 - wmin))``, which counts cells past the grid for a box
+  that touches or crosses the right or bottom edge. Then each cell of
+  ``[hmin, hmax] x [wmin, wmax]`` (both ends included) that lies inside the grid gets
+  ``max(current, weight)``. Boxes that are inverted (``x2 < x1`` or ``y2 < y1``), not finite,
+  or entirely outside the canvas are ignored; the others are not clipped.
 """
 from __future__ import annotations
 
@@ -90,16 +92,13 @@ def ref_fgd_masks(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], stride:
                 continue
             if x1 > canvas_w or y1 > canvas_h or x2 < 0 or y2 < 0:
                 continue
-            x1, x2 = min(max(x1, 0.0), canvas_w), min(max(x2, 0.0), canvas_w)
-            y1, y2 = min(max(y1, 0.0), canvas_h), min(max(y2, 0.0), canvas_h)
-            wmin = min(max(math.floor(x1 / stride), 0), w_ - 1)
-            wmax = min(max(math.ceil(x2 / stride), 0), w_ - 1)
-            hmin = min(max(math.floor(y1 / stride), 0), h_ - 1)
-            hmax = min(max(math.ceil(y2 / stride), 0), h_ - 1)
-            area = 1.0 / ((hmax + 1 - hmin) * (wmax + 1 - wmin))
+            wmin, wmax = math.floor(x1 / stride), math.ceil(x2 / stride)
+            hmin, hmax = math.floor(y1 / stride), math.ceil(y2 / stride)
+            area = 1.0 / ((hmax + 1 - hmin) * (wmax + 1 - wmin))  # cells past the grid count too
             for i in range(hmin, hmax + 1):
                 for j in range(wmin, wmax + 1):
-                    fg[i][j] = max(fg[i][j], area)
+                    if 0 <= i < h_ and 0 <= j < w_:
+                        fg[i][j] = max(fg[i][j], area)
         empty = sum(1 for row in fg for v in row if v == 0.0)
         bg = [[(1.0 / empty if v == 0.0 else 0.0) for v in row] for row in fg]
         fgs.append(fg)

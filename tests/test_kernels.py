@@ -21,11 +21,11 @@ import torch
 # tests/test_kernels_compile.py removes it for its own subprocess.
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-from lrdet_core.kernels import _common, _pointwise, cwd, fgd, l1, mse  # noqa: E402
+from lrdet_core.kernels import _common, _cwd_channels_last, _pointwise, cwd, fgd, l1, mse  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 if not isinstance(_common._sum_partials_kernel, InterpretedFunction):
-    for _mod in (_common, _pointwise, mse, l1, cwd, fgd):
+    for _mod in (_common, _pointwise, mse, l1, _cwd_channels_last, cwd, fgd):
         importlib.reload(_mod)
 
 from lrdet_core.errors import LossError  # noqa: E402
@@ -107,6 +107,56 @@ def test_pointwise_non_dense_and_many_levels(name):
     assert student[-1].grad.shape == (2, 3, 5, 7)
 
 
+# Level counts around the launch-group boundary (MAX_LEVELS levels per launch): 4 and 5 fill one
+# group partly, 6 fills it exactly, 7 spills one level into a second launch.
+LEVEL_COUNTS = [4, 5, 6, 7]
+
+
+def _many_levels(count, dtype=torch.float32, seed=0):
+    # Every level has its own shape and scale, so a level dropped, repeated or shifted to another
+    # slot changes the value and the gradients.
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(5, 7), (3, 9), (4, 4), (2, 11), (6, 3), (1, 13), (3, 5)][:count]
+    student, teacher = [], []
+    for i, (h, w) in enumerate(sizes):
+        shape = (2, 2 + i % 3, h, w)
+        student.append((torch.randn(shape, generator=g) * (1 + i)).to(dtype).requires_grad_())
+        teacher.append((torch.randn(shape, generator=g) * (1 + i)).to(dtype))
+    return student, teacher
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("count", LEVEL_COUNTS)
+def test_pointwise_level_groups_with_upstream_weight(name, reduction, count):
+    assert _common.MAX_LEVELS == 6  # LEVEL_COUNTS straddle this boundary
+    fn, ref, elem = POINTWISE[name]
+    student, teacher = _many_levels(count, seed=count)
+    loss = fn(student, teacher, reduction)
+    expected = sum(ref(s, t, reduction) for s, t in zip(student, teacher))
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    (loss * 2.5).backward()  # grad_output = 2.5, as for a loss weighted after the call
+    grads = _f64_grads(lambda S, T: sum(getattr(elem(s - t), reduction)() for s, t in zip(S, T)), student, teacher)
+    _check_grads(student, grads, torch.float32, factor=2.5)
+
+
+@pytest.mark.parametrize("count", LEVEL_COUNTS)
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cwd_level_groups_with_upstream_weight(count, block, channels_last):
+    student, teacher = _many_levels(count, seed=10 + count)
+    if channels_last:
+        student = [s.detach().to(memory_format=torch.channels_last).requires_grad_() for s in student]
+        teacher = [t.to(memory_format=torch.channels_last) for t in teacher]
+    loss = cwd.cwd_triton(student, teacher, tau=1.5, block=block)
+    expected = sum(reference.ref_cwd(s, t, 1.5) for s, t in zip(student, teacher))
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    weight = torch.rand((), generator=torch.Generator().manual_seed(count)) + 0.5  # a random upstream weight
+    (loss * weight).backward()
+    _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 1.5), student, teacher), torch.float32,
+                 factor=weight.item())
+
+
 @pytest.mark.parametrize("name", sorted(POINTWISE))
 def test_pointwise_teacher_constant_student_untouched(name):
     fn = POINTWISE[name][0]
@@ -132,9 +182,9 @@ def _cwd64(student, teacher, tau):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 def test_cwd_matches_reference(dtype, channels_last, block):
-    # block=16 pushes every level (rows of 15 to 273 cells) except 3x5 through the two-pass path.
+    # block=16 walks every level (rows of 15 to 273 cells) except 3x5 in chunks (channels_last: 32-cell chunks).
     student, teacher = _levels(dtype, channels_last, scale=3.0)
     loss = cwd.cwd_triton(student, teacher, tau=2.0, block=block)
     expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
@@ -144,7 +194,23 @@ def test_cwd_matches_reference(dtype, channels_last, block):
     _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 2.0), student, teacher), dtype, factor=2.0)
 
 
-@pytest.mark.parametrize("block", [None, 16], ids=["single_pass", "two_pass"])
+def test_cwd_block_per_level_launches():
+    # Levels whose rows pick three different BLOCKs (64x64 -> 4096, 32x32 -> 1024, 5x7 and 3x5 -> 256),
+    # interleaved, so the launch plan regroups them and the partial/logsumexp offsets must follow.
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 2, 32, 32), (2, 3, 5, 7), (1, 2, 64, 64), (2, 2, 3, 5)]
+    student = [(torch.randn(sh, generator=g) * 2).requires_grad_() for sh in shapes]
+    teacher = [torch.randn(sh, generator=g) * 2 for sh in shapes]
+    plan = cwd.launch_plan([sh[2] * sh[3] for sh in shapes], None)
+    assert [b for b, _ in plan] == [4096, 1024, 256] and plan[2][1] == [1, 3]
+    loss = cwd.cwd_triton(student, teacher, tau=2.0)
+    expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    (loss * 1.7).backward()
+    _check_grads(student, _f64_grads(lambda S, T: _cwd64(S, T, 2.0), student, teacher), torch.float32, factor=1.7)
+
+
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 def test_cwd_huge_logits_finite(block):
     student, teacher = _levels(torch.float32, scale=1e4)
     loss = cwd.cwd_triton(student, teacher, block=block)
@@ -221,6 +287,43 @@ def test_fgd_matches_reference(dtype, channels_last, go):
     _check_grads([s], [leaf.grad], dtype)
 
 
+def _fgd_total64(s, t, fg, bg, gs, gt, temp, alpha, beta, gamma, lam):
+    l_fg, l_bg, l_att = _fgd64(s, t, fg, bg, temp)
+    l_glb = ((s + gs(s) - t - gt(t)) ** 2).sum() / s.shape[0]
+    return alpha * l_fg + beta * l_bg + gamma * l_att + lam * l_glb
+
+
+def _randomize(block, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return block
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fgd_triton_dispatch_all_four_terms(monkeypatch, channels_last):
+    # Through lrdet_core.losses.fgd(backend="triton"): focal and attention terms in the kernel, the
+    # global term eagerly; every weight non-zero and of a different size, so a dropped term shows.
+    from lrdet_core.losses import GcBlock, fgd as fgd_loss
+    from lrdet_core.losses import _common as losses_common
+
+    monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
+    s, t, fg, bg = _fgd_inputs(torch.float32, channels_last, seed=4)
+    gs, gt = _randomize(GcBlock(5), 1), _randomize(GcBlock(5), 2)
+    weights = dict(temp=0.5, alpha=0.9, beta=0.4, gamma=0.3, lam=0.2)
+    loss = fgd_loss(s, t, fg, bg, gs, gt, backend="triton", **weights)
+    expected = reference.ref_fgd(s, t, fg, bg, gs, gt, **weights)
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    leaf = s.detach().double().requires_grad_()
+    _fgd_total64(leaf, t.detach().double(), fg, bg, gs.double(), gt.double(), **weights).backward()
+    # The eager fp32 GcBlock term (LayerNorm over C/2 = 2 channels) rounds at ~1e-5 of the largest
+    # gradient; the kernel's own terms agree to ~2e-7 (lam=0). Dropping any term moves it by > 0.1.
+    expected = leaf.grad
+    torch.testing.assert_close(s.grad.double(), expected, rtol=1e-4, atol=3e-5 * expected.abs().max().item())
+
+
 def test_fgd_weights_scale_terms_and_gradient():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     plain = fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)
@@ -242,6 +345,235 @@ def test_fgd_teacher_and_masks_constant():
     fg.requires_grad_()
     sum(fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)).backward()
     assert t.grad is None and fg.grad is None and s.grad is not None
+
+
+# ------------------------------------------------------------- GPU behaviour (issue 15)
+
+def _loss_cases():
+    """name -> (student, teacher, call) for every loss, small enough for the interpreter."""
+    def fgd_call(S, T):
+        s, t = S[0], T[0]
+        fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 40.0, 30.0]])] * s.shape[0], (56, 88), 8, (7, 11))
+        return sum(fgd.fgd_focal_attention_triton(s, t, fg.float(), bg.float(), 0.5, weights=(1e-3, 5e-4, 5e-4)))
+
+    return {"mse": lambda S, T: mse.mse_triton(S, T), "mse_mean": lambda S, T: mse.mse_triton(S, T, "mean"),
+            "l1": lambda S, T: l1.l1_triton(S, T), "l1_mean": lambda S, T: l1.l1_triton(S, T, "mean"),
+            "cwd": lambda S, T: cwd.cwd_triton(S, T), "cwd_chunked": lambda S, T: cwd.cwd_triton(S, T, block=16),
+            "cwd_nhwc": lambda S, T: cwd.cwd_triton([_nhwc(s) for s in S], [_nhwc(t) for t in T], block=32),
+            "fgd": fgd_call}
+
+
+def _nhwc(x):
+    return x.to(memory_format=torch.channels_last)
+
+
+LOSS_NAMES = sorted(_loss_cases())
+
+
+def _small_pair(name, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, 5, 7, 11)] if name == "fgd" else [(2, 3, 7, 11), (2, 3, 3, 5)]
+    student = [torch.randn(sh, generator=g).to(dtype).requires_grad_() for sh in shapes]
+    teacher = [torch.randn(sh, generator=g).to(dtype) for sh in shapes]
+    return student, teacher
+
+
+# Sizes where the unit-scale gradient lies below fp16's normal range (6.1e-5): mean reductions
+# over 491,520 elements (1/n not a power of two), CWD over 4096-cell rows, FGD with the RetinaNet preset weights.
+FP16_CASES = {"mse_mean": ((2, 15, 128, 128), lambda S, T: mse.mse_triton(S, T, "mean")),
+              "l1_mean": ((2, 15, 128, 128), lambda S, T: l1.l1_triton(S, T, "mean")),
+              "cwd": ((2, 4, 64, 64), lambda S, T: cwd.cwd_triton(S, T)),
+              "fgd": ((2, 8, 32, 64), None)}
+LOSS_SCALE = 65536.0
+
+
+def _fgd_fp16(S, T):
+    n, _, h, w = S[0].shape
+    fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 200.0, 120.0]])] * n, (h * 8, w * 8), 8, (h, w))
+    return sum(fgd.fgd_focal_attention_triton(S[0], T[0], fg.float(), bg.float(), 0.5, weights=(1e-3, 5e-4, 5e-4)))
+
+
+@pytest.mark.parametrize("name", sorted(FP16_CASES))
+def test_fp16_gradient_under_loss_scale_matches_eager(name):
+    # GradScaler multiplies the loss by 65536 so that fp16 gradients stay in range. The kernel must
+    # round to fp16 once, after the scale (as eager autograd does), not store a unit-scale fp16
+    # gradient that has already flushed to zero.
+    shape, fn = FP16_CASES[name]
+    fn = fn or _fgd_fp16
+    g = torch.Generator().manual_seed(7)
+    s32, t32 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    student = [s32.half().requires_grad_()]
+    (fn(student, [t32.half()]) * LOSS_SCALE).backward()
+    got = student[0].grad
+    # Eager reference: the same loss in float64 from the same fp16 values, then one rounding to fp16.
+    leaf = s32.half().double().requires_grad_()
+    if name == "fgd":
+        n, _, h, w = shape
+        fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 200.0, 120.0]])] * n, (h * 8, w * 8), 8, (h, w))
+        l_fg, l_bg, l_att = _fgd64(leaf, t32.half().double(), fg, bg, 0.5)
+        loss64 = 1e-3 * l_fg + 5e-4 * l_bg + 5e-4 * l_att
+    elif name == "cwd":
+        loss64 = _cwd64([leaf], [t32.half().double()], 1.0)
+    else:
+        elem = POINTWISE[name.split("_")[0]][2]
+        loss64 = elem(leaf - t32.half().double()).mean()
+    (loss64 * LOSS_SCALE).backward()
+    want = leaf.grad.half()
+    zeros_got = (got == 0).double().mean().item()
+    zeros_want = (want == 0).double().mean().item()
+    print(f"{name}: zeros triton {zeros_got:.4%}, eager {zeros_want:.4%}")
+    assert zeros_got <= zeros_want + 1e-4, f"{name}: {zeros_got:.2%} zeros vs eager {zeros_want:.2%}"
+    # One fp16 rounding on each side: one ulp apart (relative 2**-10), plus the fp32 cancellation
+    # of CWD's p_s - p_t (absolute, ~1e-6 of the largest gradient).
+    torch.testing.assert_close(got.double(), want.double(), rtol=2 ** -10, atol=1e-5 * want.abs().max().item())
+
+
+class _Recorder:
+    """Stands in for ``torch.cuda.device``: records the devices entered and how deep we are."""
+
+    entered: list = []
+    depth = 0
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        type(self).entered.append(self.device)
+        type(self).depth += 1
+
+    def __exit__(self, *exc):
+        type(self).depth -= 1
+
+
+def _kernel_objects():
+    """Every launchable kernel of the package, as (module, attribute name)."""
+    modules = (_common, _pointwise, _cwd_channels_last, cwd, fgd)
+    return [(mod, name) for mod in modules for name, obj in vars(mod).items()
+            if name.endswith("_kernel") and isinstance(obj, InterpretedFunction)]
+
+
+class _LaunchSpy:
+    """Wraps a kernel; every ``kernel[grid](...)`` is logged (name, guard depth, devices entered), then run."""
+
+    active: list = []  # non-empty while a kernel runs
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append((self.name, _Recorder.depth, list(_Recorder.entered)))
+            _LaunchSpy.active.append(self.name)
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                _LaunchSpy.active.pop()
+        return run
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_launch_runs_under_the_tensors_device(monkeypatch, name):
+    # No second GPU here: the CUDA branch of the guard is taken with a recording torch.cuda.device,
+    # and every kernel launch (forward and backward) must happen inside it, for the tensors' device.
+    log: list = []
+    _Recorder.entered, _Recorder.depth = [], 0
+    monkeypatch.setattr(_common, "_is_cuda", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "device", _Recorder)
+    for mod, attr in _kernel_objects():
+        monkeypatch.setattr(mod, attr, _LaunchSpy(getattr(mod, attr), attr, log))
+    student, teacher = _small_pair(name)
+    _loss_cases()[name](student, teacher).backward()
+    assert log, "no kernel was launched"
+    outside = [k for k, depth, _ in log if depth == 0]
+    assert not outside, f"launched outside torch.cuda.device: {outside}"
+    assert all(entered[-1] == student[0].device for _, _, entered in log)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_nothing_of_gradient_size_outlives_backward(name):
+    # The gradient handed to autograd must not also be kept by the graph (ctx) after backward:
+    # once .grad is dropped, it is freed while the loss tensor (and its graph) is still alive.
+    import gc
+    import weakref
+
+    student, teacher = _small_pair(name)
+    refs = []
+    for s in student:
+        s.register_hook(lambda g: refs.append(weakref.ref(g)))
+    loss = _loss_cases()[name](student, teacher)
+    loss.backward()
+    assert len(refs) == len(student)
+    for s in student:
+        s.grad = None
+    gc.collect()
+    assert all(r() is None for r in refs), "a gradient buffer is still referenced after backward"
+    assert loss.grad_fn is not None  # the graph is still alive: it is not what freed the buffer
+
+
+_COPY_OPS = ("aten._to_copy", "aten.copy_", "aten.clone", "aten.contiguous")
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
+    # A bf16 student with an fp32 teacher, through the library's dispatch (backend="triton"): no op
+    # outside the kernels may copy or cast a tensor of the features' size.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lrdet_core.losses import _common as losses_common
+    from lrdet_core.losses import cwd as cwd_loss, l1 as l1_loss, mse as mse_loss
+
+    monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
+    for mod, attr in _kernel_objects():
+        monkeypatch.setattr(mod, attr, _LaunchSpy(getattr(mod, attr), attr, []))
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 7, 11, generator=g).bfloat16().requires_grad_()
+    t = torch.randn(2, 5, 7, 11, generator=g)
+    big = s.numel()
+    copies = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # The interpreter itself copies kernel arguments to and from the host: not counted.
+            if not _LaunchSpy.active and str(func.overloadpacket) in _COPY_OPS:
+                sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+                if sizes and max(sizes) >= big:
+                    copies.append((str(func), sizes))
+            return out
+
+    fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 40.0, 30.0]])] * 2, (56, 88), 8, (7, 11))
+    calls = {"mse": lambda: mse_loss(s, t, backend="triton"), "l1": lambda: l1_loss(s, t, backend="triton"),
+             "cwd": lambda: cwd_loss(s, t, backend="triton"),
+             # the focal/attention kernel behind the dispatch (FGD's global term is eager fp32 by design)
+             "fgd": lambda: sum(fgd.fgd_focal_attention_triton(*losses_common.triton_inputs(s, t), fg.float(),
+                                                               bg.float(), 0.5))}
+    with Watch():
+        calls[name]().backward()
+    assert s.grad is not None and s.grad.dtype == torch.bfloat16
+    assert not copies, f"copies of feature-sized tensors: {copies}"
+
+
+# The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
+# (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
+# CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
+BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (4, 3)),
+                      "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (15, 5))}
+
+
+@pytest.mark.parametrize("name", sorted(BYTES_AND_LAUNCHES))
+def test_bytes_and_launches_table(name):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import count_launches
+
+    (fwd, bwd), (fwd_launch, bwd_launch) = BYTES_AND_LAUNCHES[name]
+    acc = count_launches.accesses(name)
+    assert (acc["fwd_accesses"], acc["bwd_accesses"]) == (fwd, bwd)
+    got = count_launches.launches(name, 2)
+    assert (got["fwd_triton"], got["bwd_triton"]) == (fwd_launch, bwd_launch)
+    if name in ("mse", "l1"):
+        assert got["fwd_torch"] == got["bwd_torch"] == 0  # nothing but the kernels launches
+    if name == "fgd":  # the masks of all images are built by the same ops, whatever the batch
+        assert count_launches.launches(name, 16)["fwd_torch"] == got["fwd_torch"]
 
 
 # --------------------------------------------------------------------- shared properties

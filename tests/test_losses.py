@@ -325,6 +325,52 @@ def test_fgd_box_edge_cases(case):
         assert fg[0, 1:5, 1].gt(0).all() and fg[1, 0:2, 0:5].gt(0).all()  # edges on a cell border cover 2 cells
 
 
+# Boxes touching (x2 = 88, y2 = 56) or crossing the right and bottom edges of a 56 x 88 canvas:
+# at stride 8 their cell ranges end at W = 11 or H = 7, one or more cells past the grid.
+EDGE_TOUCHING_BOXES = [torch.tensor([[60.0, 30.0, 88.0, 56.0], [10.0, 45.0, 30.0, 70.0]]),
+                       torch.tensor([[70.0, 10.0, 95.0, 40.0], [75.0, 50.0, 88.0, 56.0], [0.0, 0.0, 20.0, 20.0]])]
+
+
+def _fgd_autograd64(s, t, fg, bg, gs, gt, temp, alpha, beta, gamma, lam):
+    """FGD in float64 torch ops, written from the equations (not the library's code), for gradients."""
+    n, c, h, w = s.shape
+
+    def attention(x):
+        a = x.abs().mean(1).reshape(n, h * w) / temp
+        b = x.abs().mean((2, 3)) / temp
+        return (h * w * torch.softmax(a, 1)).reshape(n, 1, h, w), c * torch.softmax(b, 1).reshape(n, c, 1, 1)
+
+    as_s, ac_s = attention(s)
+    as_t, ac_t = attention(t)
+    focal = as_t * ac_t * (s - t) ** 2
+    l_fg = (fg[:, None] * focal).sum() / n
+    l_bg = (bg[:, None] * focal).sum() / n
+    l_att = ((ac_s - ac_t).abs().sum() + (as_s - as_t).abs().sum()) / n
+    l_glb = ((s + gs(s) - t - gt(t)) ** 2).sum() / n
+    return alpha * l_fg + beta * l_bg + gamma * l_att + lam * l_glb
+
+
+def test_fgd_edge_touching_boxes_match_authors_weight():
+    # The authors' weight counts the cells past the grid: the box (60, 30, 88, 56) spans rows
+    # 3..7 and columns 7..11 (5 x 5 cells, of which 4 x 4 exist), so its weight is 1/25, not 1/16.
+    canvas, hw = (56, 88), (7, 11)
+    fg, bg = fgd_masks(EDGE_TOUCHING_BOXES, canvas, 8, hw)
+    rfg, rbg = ref.ref_fgd_masks(EDGE_TOUCHING_BOXES, canvas, 8, hw)
+    assert fg[0, 6, 10].item() == pytest.approx(1 / 25)
+    torch.testing.assert_close(fg.double(), rfg, rtol=1e-6, atol=0)
+    torch.testing.assert_close(bg.double(), rbg, rtol=1e-6, atol=0)
+    s, t = pair((2, 4, 7, 11), seed=21, dtype=torch.float64)
+    gs, gt = randomize_(GcBlock(4), 22).double(), randomize_(GcBlock(4), 23).double()
+    weights = dict(temp=0.5, alpha=1.0, beta=0.7, gamma=0.3, lam=0.2)
+    s.requires_grad_(True)
+    got = fgd(s, t, fg.double(), bg.double(), gs, gt, **weights)
+    close(got, ref.ref_fgd(s, t, rfg, rbg, gs, gt, **weights), rtol=1e-6, atol=0)
+    got.backward()
+    leaf = s.detach().clone().requires_grad_(True)
+    _fgd_autograd64(leaf, t, rfg, rbg, gs, gt, **weights).backward()
+    torch.testing.assert_close(s.grad, leaf.grad, rtol=1e-6, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------- errors
 
 
@@ -486,7 +532,7 @@ def test_triton_backend_calls_kernels_with_all_levels(fake_kernels):
     assert CWDLoss(tau=2.0, weight=3.0, backend="triton")(s, t).item() == 21.0
     (name, (ss, ts, reduction), _), (_, (_, _, reduction_l1), _) = fake_kernels[:2]
     assert name == "mse" and len(ss) == 3 and reduction == "sum" and reduction_l1 == "mean"
-    assert ss[1].dtype == ts[1].dtype == torch.float32  # a bf16/fp32 pair is promoted, not passed mixed
+    assert ss[1] is s[1] and ss[1].dtype == torch.bfloat16 and ts[1].dtype == torch.float32  # a bf16/fp32 pair: no copy
     assert fake_kernels[2][1][2] == 2.0
     ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
     loss = FGDLoss(channels=[4, 4, 4], backend="triton", lam=0.0)

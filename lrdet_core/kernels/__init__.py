@@ -4,20 +4,28 @@ One module per loss, named like the loss: :mod:`~lrdet_core.kernels.mse`,
 :mod:`~lrdet_core.kernels.l1`, :mod:`~lrdet_core.kernels.cwd`, :mod:`~lrdet_core.kernels.fgd`.
 Each holds the Triton kernel(s), a ``torch.autograd.Function`` and a plain function
 (``mse_triton``, ``l1_triton``, ``cwd_triton``, ``fgd_focal_attention_triton``), plus a
-``SPECIALISATIONS`` tuple listing every (dtype, constexpr) combination the launcher can pick,
-which ``tests/test_kernels_compile.py`` compiles for sm80 and sm90 and checks for spills.
+``SPECIALISATIONS`` tuple listing the (dtype pair, constexpr) combinations the launcher can pick
+(every constexpr combination; fp32, bf16 and a bf16 student with an fp32 teacher for CWD and FGD,
+whose fp16 code differs from bf16's only in the converts), which ``tests/test_kernels_compile.py``
+compiles for sm80 and sm90, as the JIT specialises them for a feature pyramid, and checks for
+spills and vector width. ``_cwd_channels_last`` holds CWD's kernels for channels_last features.
 
 This package file imports nothing: Triton is only imported by the kernel modules themselves,
 so ``import lrdet_core`` and ``import lrdet_core.kernels`` never pull it in.
 
 Shared conventions (all kernels):
 
-* Gradients are computed in the forward pass into a buffer separate from the student's
-  features; backward rescales that buffer by ``grad_output`` read on the device (a kernel
-  that skips the rescale when ``grad_output == 1``), so there is no host sync and CUDA-graph
-  capture works.
+* Forward computes the loss; backward recomputes the gradient from the student and teacher
+  (and a few per-row / per-pixel statistics saved by the forward pass) with ``grad_output``
+  read on the device and folded in before the one rounding to the student's dtype. No host
+  sync (CUDA-graph capture works), no stored gradient buffer, and fp16 gradients under a
+  GradScaler keep eager PyTorch's range. Everything saved goes through ``save_for_backward``.
+* Every launch goes through :func:`._common.launch`, which enters ``torch.cuda.device`` of the
+  tensors: Triton launches on the current device, not on the tensors' one.
 * The teacher is a constant: no gradient flows to it even if it ``requires_grad``.
-* Accumulation is fp32 for fp32/bf16/fp16 inputs; the gradient has the student's dtype.
+* Student and teacher may have different dtypes (fp32/bf16/fp16): each has its own pointer
+  type and is converted in registers, never copied. Accumulation is fp32; the gradient has the
+  student's dtype.
 * Offsets are int64. Reductions are two-stage and deterministic: every program writes one
-  partial, one single-program kernel sums the partials in a fixed order. No atomics.
+  partial, one program per loss sums the partials in a fixed order. No atomics.
 """

@@ -1,4 +1,11 @@
-"""The elementwise kernel behind :mod:`.mse` and :mod:`.l1`: all levels in one launch."""
+"""The elementwise kernels behind :mod:`.mse` and :mod:`.l1`: all levels in one launch per pass.
+
+Forward reads S and T and writes one fp32 partial per program (2 element accesses); backward
+reads S and T again and writes ``grad_output * dL/dS`` in the student's dtype (3 accesses).
+The gradient is never stored between the passes: ``grad_output`` (a loss weight, a GradScaler
+scale) is folded in before the single rounding to the student's dtype, so fp16 gradients under
+a 65536 loss scale keep the range eager PyTorch gives them.
+"""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -9,65 +16,80 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
-from ._common import (DTYPES, MAX_LEVELS, TRITON_DTYPE, check_pair, flat_pair, level_groups,
-                      scale_grads_, sum_partials)
+from ._common import (DTYPES, MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, flat_pair, grad_factor,
+                      launch, level_groups, sum_partials)
 
 #: Elements per program. 4096 fp32 over 8 warps is 16 per thread per tensor: enough loads in
 #: flight to saturate HBM without spilling (checked by tests/test_kernels_compile.py).
 BLOCK = 4096
 NUM_WARPS = 8
 REDUCTIONS = ("sum", "mean")
+#: Integer arguments the JIT does not specialise: the program-range ends change with every
+#: pyramid shape and buy no vectorisation. ``n_i`` stays specialised: ``n % 16 == 0`` makes the
+#: tail mask constant over 16 lanes, which is what lets the loads be 128-bit vectors.
+NO_SPECIALISE = [f"e{i}" for i in range(MAX_LEVELS)]
 
 
 @triton.jit
-def _pointwise_block(s_ptr, t_ptr, g_ptr, part_ptr, pid, local, n, w, v,
-                     BLOCK: tl.constexpr, ABS: tl.constexpr):
+def _pointwise_block(s_ptr, t_ptr, g_ptr, part_ptr, go, pid, local, n, w,
+                     BLOCK: tl.constexpr, ABS: tl.constexpr, GRAD: tl.constexpr):
     offs = local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     # Padded lanes load s == t == 0, so they add exactly 0 to the loss and the gradient.
     s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d = s - t
-    if ABS:
-        part = tl.sum(tl.abs(d), axis=0) * w
-        # sign(d) * v with sign(0) = 0: the subgradient torch uses for |x| at 0.
-        g = tl.where(d > 0, v, tl.where(d < 0, -v, 0.0))
+    if GRAD:
+        # w is the reduction weight; go = grad_output is folded in before the one rounding.
+        scale = go * w
+        if ABS:
+            # sign(d) with sign(0) = 0: the subgradient torch uses for |x| at 0.
+            g = tl.where(d > 0, scale, tl.where(d < 0, -scale, 0.0))
+        else:
+            g = (2.0 * scale) * d
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     else:
-        part = tl.sum(d * d, axis=0) * w
-        g = d * v
-    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + pid, part)
+        if ABS:
+            part = tl.sum(tl.abs(d), axis=0) * w
+        else:
+            part = tl.sum(d * d, axis=0) * w
+        tl.store(part_ptr + pid, part)
 
 
-@triton.jit
-def _pointwise_kernel(part_ptr,
-                      s0, t0, g0, n0, e0, w0, v0,
-                      s1, t1, g1, n1, e1, w1, v1,
-                      s2, t2, g2, n2, e2, w2, v2,
-                      s3, t3, g3, n3, e3, w3, v3,
-                      s4, t4, g4, n4, e4, w4, v4,
-                      s5, t5, g5, n5, e5, w5, v5,
-                      BLOCK: tl.constexpr, ABS: tl.constexpr):
+@triton.jit(do_not_specialize=NO_SPECIALISE)
+def _pointwise_kernel(part_ptr, go_ptr,
+                      s0, t0, g0, n0, e0, w0,
+                      s1, t1, g1, n1, e1, w1,
+                      s2, t2, g2, n2, e2, w2,
+                      s3, t3, g3, n3, e3, w3,
+                      s4, t4, g4, n4, e4, w4,
+                      s5, t5, g5, n5, e5, w5,
+                      BLOCK: tl.constexpr, ABS: tl.constexpr, GRAD: tl.constexpr):
+    # GRAD=False: forward, one loss partial per program. GRAD=True: backward, the gradient times
+    # grad_output (read on the device: no host sync, CUDA graphs keep working).
     # Programs are laid out level after level; e_i is the end of level i's program range.
     # Unused slots have an empty range, so exactly one branch runs per program.
     pid = tl.program_id(0)
+    go = 1.0
+    if GRAD:
+        go = tl.load(go_ptr).to(tl.float32)
     if pid < e0:
-        _pointwise_block(s0, t0, g0, part_ptr, pid, pid, n0, w0, v0, BLOCK, ABS)
+        _pointwise_block(s0, t0, g0, part_ptr, go, pid, pid, n0, w0, BLOCK, ABS, GRAD)
     if (pid >= e0) & (pid < e1):
-        _pointwise_block(s1, t1, g1, part_ptr, pid, pid - e0, n1, w1, v1, BLOCK, ABS)
+        _pointwise_block(s1, t1, g1, part_ptr, go, pid, pid - e0, n1, w1, BLOCK, ABS, GRAD)
     if (pid >= e1) & (pid < e2):
-        _pointwise_block(s2, t2, g2, part_ptr, pid, pid - e1, n2, w2, v2, BLOCK, ABS)
+        _pointwise_block(s2, t2, g2, part_ptr, go, pid, pid - e1, n2, w2, BLOCK, ABS, GRAD)
     if (pid >= e2) & (pid < e3):
-        _pointwise_block(s3, t3, g3, part_ptr, pid, pid - e2, n3, w3, v3, BLOCK, ABS)
+        _pointwise_block(s3, t3, g3, part_ptr, go, pid, pid - e2, n3, w3, BLOCK, ABS, GRAD)
     if (pid >= e3) & (pid < e4):
-        _pointwise_block(s4, t4, g4, part_ptr, pid, pid - e3, n4, w4, v4, BLOCK, ABS)
+        _pointwise_block(s4, t4, g4, part_ptr, go, pid, pid - e3, n4, w4, BLOCK, ABS, GRAD)
     if (pid >= e4) & (pid < e5):
-        _pointwise_block(s5, t5, g5, part_ptr, pid, pid - e4, n5, w5, v5, BLOCK, ABS)
+        _pointwise_block(s5, t5, g5, part_ptr, go, pid, pid - e4, n5, w5, BLOCK, ABS, GRAD)
 
 
-def pointwise_forward(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str,
-                      absolute: bool, name: str) -> Tuple[Tensor, List[Tensor]]:
-    """Loss (0-d fp32) and the per-level gradient buffers (unit ``grad_output``)."""
+def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str,
+            name: str) -> List[Tuple[Tensor, Tensor]]:
+    """Checked ``(s, t)`` pairs in a layout the kernel walks flat (teacher detached)."""
     if reduction not in REDUCTIONS:
         raise LossError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if len(student) != len(teacher) or len(student) == 0:
@@ -76,69 +98,81 @@ def pointwise_forward(student: Sequence[Tensor], teacher: Sequence[Tensor], redu
     pairs = []
     for i, (s, t) in enumerate(zip(student, teacher)):
         check_pair(s, t, name, i)
-        if s.dtype != student[0].dtype:
-            raise LossError(f"{name}: all levels must share one dtype, got {student[0].dtype} at level 0 "
-                            f"and {s.dtype} at level {i}")
-        pairs.append(flat_pair(s, t.detach()))
-    grads = [torch.empty_like(s) for s, _ in pairs]  # same (dense) strides as s
+        pairs.append(flat_pair(s.detach(), t.detach()))
+    return pairs
+
+
+def run(pairs: Sequence[Tuple[Tensor, Tensor]], reduction: str, absolute: bool,
+        grads: Sequence[Tensor] = (), grad_output: Tensor = None) -> Tensor:
+    """Forward (no ``grads``): the loss as a 0-d fp32 tensor. Backward: fill ``grads``, return None."""
+    backward = bool(grads)
     blocks = [triton.cdiv(s.numel(), BLOCK) for s, _ in pairs]
-    partials = torch.empty(max(sum(blocks), 1), dtype=torch.float32, device=pairs[0][0].device)
-    partials.zero_()
+    dev = pairs[0][0].device
+    total = sum(blocks)
+    if backward:
+        go = grad_factor(grad_output)
+        partials = go  # not written by the backward launch
+    else:
+        # Every program writes its partial; only an all-empty input leaves the one slot unwritten.
+        partials = (torch.empty(total, dtype=torch.float32, device=dev) if total
+                    else torch.zeros(1, dtype=torch.float32, device=dev))
+        go = partials  # not read by the forward launch
     offset = 0
     for group in level_groups(len(pairs)):
         args: list = []
         end = 0
         for slot in range(MAX_LEVELS):
+            i = group[slot] if slot < len(group) else group[0]
+            s, t = pairs[i]
+            g = grads[i] if backward else s  # forward never touches g
             if slot < len(group):
-                i = group[slot]
-                s, t = pairs[i]
                 n = s.numel()
-                w = 1.0 / n if reduction == "mean" else 1.0
-                v = w if absolute else 2.0 * w
                 end += blocks[i]
-                args += [s, t, grads[i], n, end, w, v]
+                args += [s, t, g, n, end, 1.0 / n if reduction == "mean" else 1.0]
             else:
-                s, t = pairs[group[0]]
-                args += [s, t, grads[group[0]], 0, end, 0.0, 0.0]
+                args += [s, t, g, 0, end, 0.0]  # empty slot: its pid range is empty
         if end:
-            _pointwise_kernel[(end,)](partials[offset:], *args, BLOCK=BLOCK, ABS=absolute,
-                                      num_warps=NUM_WARPS)
-        offset += end
-    return sum_partials(partials), grads
+            launch(_pointwise_kernel, (end,), pairs[0][0], partials[offset:], go, *args,
+                   BLOCK=BLOCK, ABS=absolute, GRAD=backward, num_warps=NUM_WARPS)
+        offset += 0 if backward else end
+    return None if backward else sum_partials(partials)
 
 
 class PointwiseFunction(torch.autograd.Function):
-    """Shared autograd wrapper: forward returns the loss, backward rescales the saved gradients."""
+    """Shared autograd wrapper: forward returns the loss, backward recomputes the gradient from S and T."""
 
     @staticmethod
     def forward(ctx, absolute: bool, reduction: str, name: str, n_levels: int, *tensors: Tensor) -> Tensor:
-        student, teacher = tensors[:n_levels], tensors[n_levels:]
-        loss, grads = pointwise_forward(student, teacher, reduction, absolute, name)
-        ctx.grads = grads
-        ctx.n_levels = n_levels
-        ctx.used = False
-        return loss
+        pairs = prepare(tensors[:n_levels], tensors[n_levels:], reduction, name)
+        ctx.absolute, ctx.reduction, ctx.n_levels = absolute, reduction, n_levels
+        ctx.save_for_backward(*[x for pair in pairs for x in pair])
+        return run(pairs, reduction, absolute)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.used:
-            raise LossError("the fused Triton losses support one backward pass per forward; "
-                            "recompute the loss instead of using retain_graph=True")
-        ctx.used = True
-        scale_grads_(ctx.grads, grad_output)  # in place: the buffer is ours, not the student's
+        check_once(ctx)
+        saved = ctx.saved_tensors
+        pairs = [(saved[2 * i], saved[2 * i + 1]) for i in range(ctx.n_levels)]
+        grads = [torch.empty_like(s) for s, _ in pairs]  # same (dense) strides and dtype as s
+        run(pairs, ctx.reduction, ctx.absolute, grads, grad_output)
         # The teacher is a constant: None for every teacher level.
-        return (None, None, None, None, *ctx.grads, *([None] * ctx.n_levels))
+        return (None, None, None, None, *grads, *([None] * ctx.n_levels))
 
 
 def specialisations(absolute: bool) -> list:
-    """(kernel name, signature, constexprs) for every launch :func:`pointwise_forward` can make."""
+    """(kernel name, signature, constexprs, num_warps) for the launches :func:`run` makes.
+
+    One entry per student dtype with a teacher of the same dtype, plus the bf16 and fp16
+    students with an fp32 teacher (a half-precision student distilled from an fp32 teacher).
+    """
     out = []
-    for dt in DTYPES:
-        ty = f"*{TRITON_DTYPE[dt]}"
-        sig = {"part_ptr": "*fp32"}
-        for i in range(MAX_LEVELS):
-            sig.update({f"s{i}": ty, f"t{i}": ty, f"g{i}": ty, f"n{i}": "i64", f"e{i}": "i32",
-                        f"w{i}": "fp32", f"v{i}": "fp32"})
-        sig.update({"BLOCK": "constexpr", "ABS": "constexpr"})
-        out.append(("_pointwise_kernel", sig, {"BLOCK": BLOCK, "ABS": absolute}, NUM_WARPS))
+    pairs = [(dt, dt) for dt in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    for sdt, tdt in pairs:
+        for grad in (False, True):
+            sig = {"part_ptr": "*fp32", "go_ptr": "*fp32"}
+            for i in range(MAX_LEVELS):
+                sig.update({f"s{i}": f"*{TRITON_DTYPE[sdt]}", f"t{i}": f"*{TRITON_DTYPE[tdt]}",
+                            f"g{i}": f"*{TRITON_DTYPE[sdt]}", f"n{i}": "i32", f"e{i}": "i32", f"w{i}": "fp32"})
+            sig.update({"BLOCK": "constexpr", "ABS": "constexpr", "GRAD": "constexpr"})
+            out.append(("_pointwise_kernel", sig, {"BLOCK": BLOCK, "ABS": absolute, "GRAD": grad}, NUM_WARPS))
     return out

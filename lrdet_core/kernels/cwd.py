@@ -1,4 +1,4 @@
-"""Fused channel-wise distillation (CWD) loss over all pyramid levels in one Triton launch.
+"""Fused channel-wise distillation (CWD) loss over all pyramid levels, one Triton launch per pass and row block.
 
 Math (Shu et al., 2021), per level with ``N x C x H x W`` student ``S`` and teacher ``T``::
 
@@ -10,27 +10,30 @@ Math (Shu et al., 2021), per level with ``N x C x H x W`` student ``S`` and teac
 Everything is computed from max-shifted logsumexps, so the loss stays finite for logits of
 any finite magnitude (``1e4`` and beyond) where ``log(softmax)`` would underflow to ``-inf``.
 
-One program per ``(n, c)`` row; programs are laid out level after level. Rows that fit one
-``BLOCK`` are loaded once and kept in registers (single pass). Longer rows (P3 at 800x1333
-is 100x168 = 16,800 cells) take two passes: the first streams the row once keeping running
-max and sum-exp for S and T plus the running ``sum exp(T - max) (T - S)`` (all rescaled when
-a max grows), which gives the KL; the second streams it again to write the gradient.
+One program per ``(n, c)`` row; programs are laid out level after level, levels with the same
+row block (:func:`pick_block`) in one launch. The forward pass
+streams each row once: a row that fits one ``BLOCK`` is loaded once and reduced in registers;
+a longer row (P3 at 800x1333 is 100x168 = 16,800 cells) is walked in ``BLOCK`` chunks keeping
+*per-lane* running max, sum-exp and ``sum exp(T - max) (T - S)`` for S and T (rescaled when a
+lane's max grows), which are combined across lanes once per row, not once per chunk. It writes
+the row's KL partial and the two logsumexps (8 bytes per row). The backward pass streams each
+row once more and writes ``grad_output * tau/(N C) * (p_s - p_t)`` from those logsumexps.
 
-Bytes moved (minimum, per element, forward + backward together): **3** element accesses for
-single-pass rows (read S, read T, write dL/dS) and **5** for two-pass rows (S and T are read
-twice). As for every kernel here, backward adds nothing when ``grad_output == 1`` and 2 more
-(read and write the gradient buffer) otherwise.
+Bytes moved (minimum, per element): forward **2** element accesses (read S and T), backward
+**3** (read S and T, write the gradient) for rows of any length: **5** in all. The gradient is
+computed in fp32 with ``grad_output`` folded in and rounded once to the student's dtype (no
+stored unit-scale buffer that fp16 would flush to zero under a GradScaler).
 
-Layouts: contiguous NCHW (rows are unit-stride) and channels_last (rows have stride C; one
-program reads a strided row, neighbouring programs read the neighbouring channels, so a
-cache line is shared by consecutive programs through L2) are indexed without a copy. Other
-layouts, or a student and teacher in different layouts, fall back to ``.contiguous()``.
-All levels of one launch share the layout flag; when levels disagree the channels_last ones
-are made contiguous.
+Layouts: contiguous NCHW (rows are unit-stride) is walked row by row here; channels_last (rows
+have stride C) goes to :mod:`._cwd_channels_last`, which tiles cells x contiguous channels and
+splits long rows over several programs. Both are indexed without a copy. Other layouts, or a
+student and teacher in different layouts, fall back to ``.contiguous()``. All levels of one
+call share the layout; when levels disagree the channels_last ones are made contiguous.
+Student and teacher dtypes may differ (converted in registers).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -38,32 +41,36 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
-from ._common import (DTYPES, MAX_LEVELS, TRITON_DTYPE, check_pair, level_groups, nchw_layout,
-                      scale_grads_, sum_partials)
+from . import _cwd_channels_last
+from ._cwd_channels_last import _cwd_cl_combine_kernel, _cwd_cl_kernel  # noqa: F401 (named in SPECIALISATIONS)
+from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, grad_factor, launch,
+                      level_groups, nchw_layout, sum_partials)
 
-#: Row block ladder and the warps of each. A row up to 4096 elements stays in registers
-#: (single pass); longer rows use BLOCK = 4096 chunks in two passes. One BLOCK per launch,
-#: chosen by the longest row, so short levels waste masked lanes but never memory traffic.
+#: Row block ladder and the warps of each. Each level gets its own BLOCK (:func:`pick_block`);
+#: levels sharing a BLOCK share a launch. Rows longer than their BLOCK are walked in chunks.
 BLOCKS = (256, 1024, 4096)
-NUM_WARPS = {256: 2, 1024: 4, 4096: 16}  # 8 elements per thread per tensor at most
+#: A level takes the largest BLOCK whose chunks cover its rows with at most this much padding.
+MAX_PADDING = 1.25
+NUM_WARPS = {256: 1, 1024: 4, 4096: 16}  # 8 elements per thread per tensor: 128-bit bf16 loads
+#: Integer arguments the JIT does not specialise (each specialisation of this kernel costs
+#: seconds to compile, and the pyramid changes with every multi-scale input size): the program
+#: range ends and the channel counts (not used for addressing). ``HW_i`` stays specialised:
+#: ``HW % 16 == 0`` aligns the rows for vector loads.
+NO_SPECIALISE = [f"{k}{i}" for i in range(MAX_LEVELS) for k in ("C", "e")]
 
 
 @triton.jit
-def _cwd_row(s_ptr, t_ptr, g_ptr, part_ptr, pid, row, C, HW, w, v, inv_tau,
-             BLOCK: tl.constexpr, CL: tl.constexpr):
-    row = row.to(tl.int64)
-    if CL:
-        # channels_last: element (n, c, hw) lives at (n * HW + hw) * C + c.
-        base = (row // C) * HW * C + row % C
-    else:
-        base = row * HW
+def _row_offsets(row, HW, cur):
+    return row.to(tl.int64) * HW + cur
+
+
+@triton.jit
+def _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_tau,
+                     BLOCK: tl.constexpr):
     idx = tl.arange(0, BLOCK)
     if HW <= BLOCK:
         mask = idx < HW
-        if CL:
-            offs = base + idx.to(tl.int64) * C
-        else:
-            offs = base + idx
+        offs = _row_offsets(row, HW, idx)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         # Padded lanes become -inf before max/exp so they contribute exp(-inf) = 0; they are
@@ -72,95 +79,128 @@ def _cwd_row(s_ptr, t_ptr, g_ptr, part_ptr, pid, row, C, HW, w, v, inv_tau,
         xt = tl.where(mask, t, float("-inf"))
         ms = tl.max(xs, axis=0)
         mt = tl.max(xt, axis=0)
-        es = tl.exp(xs - ms)
+        zs = tl.sum(tl.exp(xs - ms), axis=0)
         et = tl.exp(xt - mt)
-        zs = tl.sum(es, axis=0)
         zt = tl.sum(et, axis=0)
         cross = tl.sum(et * tl.where(mask, t - s, 0.0), axis=0)
-        kl = cross / zt + (ms + tl.log(zs)) - (mt + tl.log(zt))
-        g = v * (es / zs - et / zt)
-        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-        tl.store(part_ptr + pid, w * kl)
     else:
-        ms = float("-inf")
-        mt = float("-inf")
-        zs = 0.0
-        zt = 0.0
-        cross = 0.0
+        # Per-lane running statistics: no cross-warp reduction inside the loop.
+        m_s = tl.full([BLOCK], float("-inf"), tl.float32)
+        m_t = tl.full([BLOCK], float("-inf"), tl.float32)
+        z_s = tl.zeros([BLOCK], tl.float32)
+        z_t = tl.zeros([BLOCK], tl.float32)
+        c_t = tl.zeros([BLOCK], tl.float32)
         for start in range(0, HW, BLOCK):
             cur = start + idx
             mask = cur < HW
-            if CL:
-                offs = base + cur.to(tl.int64) * C
-            else:
-                offs = base + cur
+            offs = _row_offsets(row, HW, cur)
             s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
             t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
-            xs = tl.where(mask, s, float("-inf"))
-            xt = tl.where(mask, t, float("-inf"))
-            new_ms = tl.maximum(ms, tl.max(xs, axis=0))
-            new_mt = tl.maximum(mt, tl.max(xt, axis=0))
-            # Every chunk has a valid lane, so new_m is finite and exp(old - new) is 0 on the
-            # first chunk (old = -inf) rather than NaN.
-            zs = zs * tl.exp(ms - new_ms) + tl.sum(tl.exp(xs - new_ms), axis=0)
-            et = tl.exp(xt - new_mt)
-            rescale = tl.exp(mt - new_mt)
-            zt = zt * rescale + tl.sum(et, axis=0)
-            cross = cross * rescale + tl.sum(et * tl.where(mask, t - s, 0.0), axis=0)
-            ms = new_ms
-            mt = new_mt
-        lse_s = ms + tl.log(zs)
-        lse_t = mt + tl.log(zt)
-        tl.store(part_ptr + pid, w * (cross / zt + lse_s - lse_t))
-        for start in range(0, HW, BLOCK):
-            cur = start + idx
-            mask = cur < HW
-            if CL:
-                offs = base + cur.to(tl.int64) * C
-            else:
-                offs = base + cur
-            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
-            t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
-            g = v * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
-            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+            new_s = tl.maximum(m_s, tl.where(mask, s, float("-inf")))
+            new_t = tl.maximum(m_t, tl.where(mask, t, float("-inf")))
+            # A lane that has seen no element yet stays at (-inf, 0): exp(-inf - -inf) is NaN,
+            # so its rescale factor is forced to 0 (its sums are 0 anyway).
+            rescale_s = tl.where(new_s == float("-inf"), 0.0, tl.exp(m_s - new_s))
+            z_s = z_s * rescale_s + tl.where(mask, tl.exp(s - new_s), 0.0)
+            rescale_t = tl.where(new_t == float("-inf"), 0.0, tl.exp(m_t - new_t))
+            et = tl.where(mask, tl.exp(t - new_t), 0.0)
+            z_t = z_t * rescale_t + et
+            c_t = c_t * rescale_t + et * (t - s)
+            m_s = new_s
+            m_t = new_t
+        # Once per row: combine the lanes (a lane still at -inf contributes exp(-inf) * 0 = 0).
+        ms = tl.max(m_s, axis=0)
+        mt = tl.max(m_t, axis=0)
+        zs = tl.sum(z_s * tl.exp(m_s - ms), axis=0)
+        lane_t = tl.exp(m_t - mt)
+        zt = tl.sum(z_t * lane_t, axis=0)
+        cross = tl.sum(c_t * lane_t, axis=0)
+    # (ms - mt) + log(zs) - log(zt): the shifts cancel before the logs, not inside one log ratio.
+    lse_s = ms + tl.log(zs)
+    lse_t = mt + tl.log(zt)
+    tl.store(part_ptr + pid, w * (cross / zt + lse_s - lse_t))
+    tl.store(lse_ptr + 2 * pid, lse_s)
+    tl.store(lse_ptr + 2 * pid + 1, lse_t)
 
 
 @triton.jit
-def _cwd_kernel(part_ptr, inv_tau,
+def _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, v, inv_tau,
+                      BLOCK: tl.constexpr):
+    lse_s = tl.load(lse_ptr + 2 * pid)
+    lse_t = tl.load(lse_ptr + 2 * pid + 1)
+    idx = tl.arange(0, BLOCK)
+    for start in range(0, HW, BLOCK):
+        cur = start + idx
+        mask = cur < HW
+        offs = _row_offsets(row, HW, cur)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+        g = v * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cwd_row(s_ptr, t_ptr, g_ptr, part_ptr, lse_ptr, go, pid, row, C, HW, w, v, inv_tau,
+             BLOCK: tl.constexpr, GRAD: tl.constexpr):
+    if GRAD:
+        _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, go * v, inv_tau, BLOCK)
+    else:
+        _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_tau, BLOCK)
+
+
+@triton.jit(do_not_specialize=NO_SPECIALISE)
+def _cwd_kernel(part_ptr, lse_ptr, go_ptr, inv_tau,
                 s0, t0, g0, C0, HW0, e0, w0, v0,
                 s1, t1, g1, C1, HW1, e1, w1, v1,
                 s2, t2, g2, C2, HW2, e2, w2, v2,
                 s3, t3, g3, C3, HW3, e3, w3, v3,
                 s4, t4, g4, C4, HW4, e4, w4, v4,
                 s5, t5, g5, C5, HW5, e5, w5, v5,
-                BLOCK: tl.constexpr, CL: tl.constexpr):
+                BLOCK: tl.constexpr, GRAD: tl.constexpr):
+    # GRAD=False: forward (KL partial and the two logsumexps per row). GRAD=True: backward, the
+    # gradient times grad_output read on the device (no host sync, graph-capturable).
     # Level i owns programs [e_{i-1}, e_i); unused slots have empty ranges.
     pid = tl.program_id(0)
+    go = 1.0
+    if GRAD:
+        go = tl.load(go_ptr).to(tl.float32)
     if pid < e0:
-        _cwd_row(s0, t0, g0, part_ptr, pid, pid, C0, HW0, w0, v0, inv_tau, BLOCK, CL)
+        _cwd_row(s0, t0, g0, part_ptr, lse_ptr, go, pid, pid, C0, HW0, w0, v0, inv_tau, BLOCK, GRAD)
     if (pid >= e0) & (pid < e1):
-        _cwd_row(s1, t1, g1, part_ptr, pid, pid - e0, C1, HW1, w1, v1, inv_tau, BLOCK, CL)
+        _cwd_row(s1, t1, g1, part_ptr, lse_ptr, go, pid, pid - e0, C1, HW1, w1, v1, inv_tau, BLOCK, GRAD)
     if (pid >= e1) & (pid < e2):
-        _cwd_row(s2, t2, g2, part_ptr, pid, pid - e1, C2, HW2, w2, v2, inv_tau, BLOCK, CL)
+        _cwd_row(s2, t2, g2, part_ptr, lse_ptr, go, pid, pid - e1, C2, HW2, w2, v2, inv_tau, BLOCK, GRAD)
     if (pid >= e2) & (pid < e3):
-        _cwd_row(s3, t3, g3, part_ptr, pid, pid - e2, C3, HW3, w3, v3, inv_tau, BLOCK, CL)
+        _cwd_row(s3, t3, g3, part_ptr, lse_ptr, go, pid, pid - e2, C3, HW3, w3, v3, inv_tau, BLOCK, GRAD)
     if (pid >= e3) & (pid < e4):
-        _cwd_row(s4, t4, g4, part_ptr, pid, pid - e3, C4, HW4, w4, v4, inv_tau, BLOCK, CL)
+        _cwd_row(s4, t4, g4, part_ptr, lse_ptr, go, pid, pid - e3, C4, HW4, w4, v4, inv_tau, BLOCK, GRAD)
     if (pid >= e4) & (pid < e5):
-        _cwd_row(s5, t5, g5, part_ptr, pid, pid - e4, C5, HW5, w5, v5, inv_tau, BLOCK, CL)
+        _cwd_row(s5, t5, g5, part_ptr, lse_ptr, go, pid, pid - e4, C5, HW5, w5, v5, inv_tau, BLOCK, GRAD)
 
 
-def pick_block(longest_row: int) -> int:
-    """The smallest ladder BLOCK holding the longest row, else the largest (two-pass rows)."""
-    for block in BLOCKS:
-        if longest_row <= block:
+def pick_block(row: int) -> int:
+    """The largest ladder BLOCK that walks a row of ``row`` cells with <= 25 % masked lanes, else the smallest.
+
+    RetinaNet at 800x1333: P3 (16,800 cells) 4096, P4 (4,200) 1024, P5-P7 (1,050, 273, 77) 256;
+    one BLOCK for all (4096, by the longest row) ran P5-P7 at 26 %, 7 % and 2 % useful lanes.
+    """
+    for block in reversed(BLOCKS):
+        if triton.cdiv(row, block) * block <= MAX_PADDING * row:
             return block
-    return BLOCKS[-1]
+    return BLOCKS[0]
 
 
-def cwd_forward(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float,
-                block: Optional[int] = None) -> tuple:
-    """Loss (0-d fp32) and per-level gradient buffers (unit ``grad_output``)."""
+def launch_plan(rows: Sequence[int], block: Optional[int]) -> List[Tuple[int, List[int]]]:
+    """``(BLOCK, level indices)`` per launch: levels grouped by BLOCK, at most MAX_LEVELS per launch."""
+    by_block: Dict[int, List[int]] = {}
+    for i, row in enumerate(rows):
+        by_block.setdefault(block or pick_block(row), []).append(i)
+    return [(b, [levels[j] for j in group]) for b, levels in sorted(by_block.items(), reverse=True)
+            for group in level_groups(len(levels))]
+
+
+def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float) -> tuple:
+    """Checked ``(s, t)`` pairs (teacher detached) and the shared channels_last flag."""
     if len(student) != len(teacher) or len(student) == 0:
         raise LossError(f"cwd_triton: expected equal, non-zero numbers of student and teacher levels, "
                         f"got {len(student)} and {len(teacher)}")
@@ -171,55 +211,68 @@ def cwd_forward(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float
         check_pair(s, t, "cwd_triton", i)
         if s.dim() != 4:
             raise LossError(f"cwd_triton: expected N x C x H x W features, got shape {tuple(s.shape)} at level {i}")
-        if s.dtype != student[0].dtype:
-            raise LossError(f"cwd_triton: all levels must share one dtype, got {student[0].dtype} at level 0 "
-                            f"and {s.dtype} at level {i}")
-        pairs.append(nchw_layout(s, t.detach()))
+        pairs.append(nchw_layout(s.detach(), t.detach()))
     channels_last = all(cl for _, _, cl in pairs)
     pairs = [(s, t) if cl == channels_last else (s.contiguous(), t.contiguous()) for s, t, cl in pairs]
-    grads = [torch.empty_like(s) for s, _ in pairs]  # keeps s's layout
-    if block is None:
-        block = pick_block(max(s.shape[2] * s.shape[3] for s, _ in pairs))
+    return pairs, channels_last
+
+
+def run(pairs: Sequence[tuple], channels_last: bool, tau: float, block: Optional[int], lse: Tensor,
+        grads: Sequence[Tensor] = (), grad_output: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Forward (no ``grads``): the loss, filling ``lse``. Backward: fill ``grads`` from ``lse``."""
+    if channels_last:
+        return _cwd_channels_last.run(pairs, tau, lse, block, grads, grad_output)
+    backward = bool(grads)
     rows = [s.shape[0] * s.shape[1] for s, _ in pairs]
-    partials = torch.zeros(max(sum(rows), 1), dtype=torch.float32, device=pairs[0][0].device)
+    dev = pairs[0][0].device
+    total = sum(rows)
+    # Every program writes its partial; only an input without rows leaves the one slot unwritten.
+    partials = (lse if backward else torch.empty(total, dtype=torch.float32, device=dev) if total
+                else torch.zeros(1, dtype=torch.float32, device=dev))
+    go = grad_factor(grad_output) if backward else lse
     offset = 0
-    for group in level_groups(len(pairs)):
+    for block, group in launch_plan([s.shape[2] * s.shape[3] for s, _ in pairs], block):
         args: list = []
         end = 0
         for slot in range(MAX_LEVELS):
+            i = group[slot] if slot < len(group) else group[0]
+            s, t = pairs[i]
+            g = grads[i] if backward else s  # forward never touches g
             if slot < len(group):
-                i = group[slot]
-                s, t = pairs[i]
                 n, c, h, w = s.shape
                 end += rows[i]
-                args += [s, t, grads[i], c, h * w, end, tau * tau / (n * c), tau / (n * c)]
+                args += [s, t, g, c, h * w, end, tau * tau / (n * c), tau / (n * c)]
             else:
-                s, t = pairs[group[0]]
-                args += [s, t, grads[group[0]], 1, 0, end, 0.0, 0.0]
+                args += [s, t, g, 1, 0, end, 0.0, 0.0]
         if end:
-            _cwd_kernel[(end,)](partials[offset:], 1.0 / tau, *args, BLOCK=block, CL=channels_last,
-                                num_warps=NUM_WARPS.get(block, 4))
+            launch(_cwd_kernel, (end,), pairs[0][0], partials[offset:], lse[2 * offset:], go, 1.0 / tau, *args,
+                   BLOCK=block, GRAD=backward, num_warps=NUM_WARPS.get(block, 4))
         offset += end
-    return sum_partials(partials), grads
+    return None if backward else sum_partials(partials)
 
 
 class CWDFunction(torch.autograd.Function):
-    """Autograd wrapper of :func:`cwd_forward`; backward rescales the saved gradient buffers."""
+    """Autograd wrapper: forward returns the loss, backward recomputes the gradient from S, T and the logsumexps."""
 
     @staticmethod
     def forward(ctx, tau: float, block: Optional[int], n_levels: int, *tensors: Tensor) -> Tensor:
-        loss, grads = cwd_forward(tensors[:n_levels], tensors[n_levels:], tau, block)
-        ctx.grads, ctx.n_levels, ctx.used = grads, n_levels, False
+        pairs, channels_last = prepare(tensors[:n_levels], tensors[n_levels:], tau)
+        rows = sum(s.shape[0] * s.shape[1] for s, _ in pairs)
+        lse = torch.empty(2 * max(rows, 1), dtype=torch.float32, device=pairs[0][0].device)
+        loss = run(pairs, channels_last, tau, block, lse)
+        ctx.meta = (tau, block, n_levels, channels_last)
+        ctx.save_for_backward(lse, *[x for pair in pairs for x in pair])
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.used:
-            raise LossError("the fused Triton losses support one backward pass per forward; "
-                            "recompute the loss instead of using retain_graph=True")
-        ctx.used = True
-        scale_grads_(ctx.grads, grad_output)
-        return (None, None, None, *ctx.grads, *([None] * ctx.n_levels))
+        check_once(ctx)
+        tau, block, n_levels, channels_last = ctx.meta
+        lse, *flat = ctx.saved_tensors
+        pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(n_levels)]
+        grads = [torch.empty_like(s) for s, _ in pairs]  # keeps s's layout and dtype
+        run(pairs, channels_last, tau, block, lse, grads, grad_output)
+        return (None, None, None, *grads, *([None] * n_levels))
 
 
 def cwd_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float = 1.0, *,
@@ -230,11 +283,13 @@ def cwd_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float 
         student: the student's levels; they receive gradients.
         teacher: the teacher's levels, same shapes; treated as constants (no gradient).
         tau: softmax temperature (> 0).
-        block: row block size override (a power of two). Rows longer than ``block`` take the
-            two-pass path; tests use a small value to exercise it. Default: from :data:`BLOCKS`.
+        block: contiguous NCHW: row block size override (a power of two); rows longer than
+            ``block`` are walked in chunks. channels_last: cells per program (rows longer than
+            that are split over programs). Tests use a small value to exercise those paths.
+            Default: from :data:`BLOCKS` (NCHW), ``_cwd_channels_last.CHUNK`` (channels_last).
 
     Shape:
-        student[i], teacher[i]: ``(N, C, H, W)``, fp32/bf16/fp16 (one dtype for all levels).
+        student[i], teacher[i]: ``(N, C, H, W)``, fp32/bf16/fp16 each (the gradient has the student's dtype).
         Output: ``()`` fp32.
     """
     return CWDFunction.apply(tau, block, len(student), *student, *teacher)
@@ -242,17 +297,19 @@ def cwd_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float 
 
 def _specialisations() -> list:
     out = []
-    for dt in DTYPES:
-        ty = f"*{TRITON_DTYPE[dt]}"
+    # fp16 compiles to bf16's code up to the convert instructions; the compile test checks bf16 for both.
+    pairs = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    for sdt, tdt in pairs:
         for block in BLOCKS:
-            for cl in (False, True):
-                sig = {"part_ptr": "*fp32", "inv_tau": "fp32"}
+            for grad in (False, True):
+                sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "go_ptr": "*fp32", "inv_tau": "fp32"}
                 for i in range(MAX_LEVELS):
-                    sig.update({f"s{i}": ty, f"t{i}": ty, f"g{i}": ty, f"C{i}": "i32", f"HW{i}": "i32",
+                    sig.update({f"s{i}": f"*{TRITON_DTYPE[sdt]}", f"t{i}": f"*{TRITON_DTYPE[tdt]}",
+                                f"g{i}": f"*{TRITON_DTYPE[sdt]}", f"C{i}": "i32", f"HW{i}": "i32",
                                 f"e{i}": "i32", f"w{i}": "fp32", f"v{i}": "fp32"})
-                sig.update({"BLOCK": "constexpr", "CL": "constexpr"})
-                out.append(("_cwd_kernel", sig, {"BLOCK": block, "CL": cl}, NUM_WARPS[block]))
-    return out
+                sig.update({"BLOCK": "constexpr", "GRAD": "constexpr"})
+                out.append(("_cwd_kernel", sig, {"BLOCK": block, "GRAD": grad}, NUM_WARPS[block]))
+    return out + _cwd_channels_last.specialisations(pairs)
 
 
 #: Every (kernel, signature, constexprs, num_warps) this module launches (see tests/test_kernels_compile.py).

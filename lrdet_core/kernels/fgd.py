@@ -19,23 +19,25 @@ Passes (all streaming ones tiled ``BLOCK_C x BLOCK_HW`` over one sample):
    program) and per-channel partial sums over each pixel block (reduced by ``torch.sum``).
 2. Tiny ``N x HW`` / ``N x C`` torch ops: the attention maps, ``L_att`` and its gradient
    factors, and the per-pixel factors of the focal terms.
-3. ``_fgd_focal_kernel`` reads S and T again, writes per-program partials of ``L_fg`` and
-   ``L_bg`` and the whole gradient ``d(w_fg L_fg + w_bg L_bg + w_att L_att)/dS``.
+3. ``_fgd_focal_kernel`` reads S and T again and writes per-program partials of ``L_fg`` and
+   ``L_bg`` (summed by one launch for both).
+4. Backward: ``_fgd_backward_kernel`` reads S and T and writes the whole gradient
+   ``d(go_fg w_fg L_fg + go_bg w_bg L_bg + go_att w_att L_att)/dS`` from per-pixel and
+   per-channel factors that already carry the three ``grad_output`` values (device tensors:
+   no host sync). Nothing of the features' size is stored between the passes, and the
+   gradient is rounded to the student's dtype once, after ``grad_output`` is applied.
 
-Bytes moved (minimum, per element, forward + backward together): **5** element accesses --
-pass 1 reads S and T, pass 3 reads S and T and writes the gradient. The per-pixel and
+Bytes moved (minimum, per element): forward **4** element accesses (passes 1 and 3 each read
+S and T), backward **3** (read S and T, write the gradient): **7** in all. The per-pixel and
 per-channel buffers are ``O(N (HW + C HW / BLOCK_HW))``, about 1-2 % of the features at C=256.
-Backward (``_fgd_backward_kernel``) reads the three ``grad_output`` values on the device:
-when they are equal (the usual case when the three terms are summed, with the weights passed
-as ``weights=``) it rescales the buffer, or skips it when they are 1 (+0 or +2 accesses);
-when they differ it recomputes the gradient from S and T with the new weights (+3).
 
 Layouts: contiguous NCHW and channels_last are indexed without a copy (``CL`` flag); anything
 else, or a student and teacher in different layouts, falls back to ``.contiguous()``.
+Student and teacher dtypes may differ (converted in registers).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import triton
@@ -43,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
-from ._common import DTYPES, TRITON_DTYPE, check_pair, nchw_layout, sum_partials
+from ._common import TRITON_DTYPE, check_once, check_pair, launch, nchw_layout, sum_partials
 
 #: Tile (channels, pixels) of the two streaming passes by layout: 2048 elements over 8 warps,
 #: longer along the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread
@@ -66,7 +68,7 @@ def _tile_offsets(n, c, hw, C, HW, CL: tl.constexpr):
         return n * C * HW + c.to(tl.int64)[:, None] * HW + hw.to(tl.int64)[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_hwb"])
 def _fgd_stats_kernel(s_ptr, t_ptr, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, C, HW, n_hwb,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
     hb = tl.program_id(0)
@@ -102,9 +104,34 @@ def _fgd_grad_tile(s, t, f, ga, act, gb):
 
 
 @triton.jit
-def _fgd_focal_kernel(s_ptr, t_ptr, g_ptr, f_ptr, pf_ptr, pb_ptr, ga_ptr, act_ptr, gb_ptr,
-                      fg_part_ptr, bg_part_ptr, C, HW,
+def _fgd_focal_kernel(s_ptr, t_ptr, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, C, HW,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    hb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2)
+    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw_mask = hw < HW
+    c_mask = c < C
+    mask = c_mask[:, None] & hw_mask[None, :]
+    offs = _tile_offsets(n, c, hw, C, HW, CL)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pix = n.to(tl.int64) * HW + hw
+    pf = tl.load(pf_ptr + pix, mask=hw_mask, other=0.0)
+    pb = tl.load(pb_ptr + pix, mask=hw_mask, other=0.0)
+    act = tl.load(act_ptr + n.to(tl.int64) * C + c, mask=c_mask, other=0.0)
+    d = s - t
+    col = tl.sum(act[:, None] * d * d, axis=0)  # per pixel: sum_c A_C(T) (S - T)^2
+    part = (n * tl.num_programs(1) + cb) * tl.num_programs(0) + hb
+    tl.store(fg_part_ptr + part, tl.sum(col * pf, axis=0))
+    tl.store(bg_part_ptr + part, tl.sum(col * pb, axis=0))
+
+
+@triton.jit
+def _fgd_backward_kernel(s_ptr, t_ptr, g_ptr, f_ptr, ga_ptr, act_ptr, gb_ptr, C, HW,
+                         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    # f, ga and gb already carry the weights and the three grad_outputs.
     hb = tl.program_id(0)
     cb = tl.program_id(1)
     n = tl.program_id(2)
@@ -119,54 +146,11 @@ def _fgd_focal_kernel(s_ptr, t_ptr, g_ptr, f_ptr, pf_ptr, pb_ptr, ga_ptr, act_pt
     pix = n.to(tl.int64) * HW + hw
     ch = n.to(tl.int64) * C + c
     f = tl.load(f_ptr + pix, mask=hw_mask, other=0.0)
-    pf = tl.load(pf_ptr + pix, mask=hw_mask, other=0.0)
-    pb = tl.load(pb_ptr + pix, mask=hw_mask, other=0.0)
     ga = tl.load(ga_ptr + pix, mask=hw_mask, other=0.0)
     act = tl.load(act_ptr + ch, mask=c_mask, other=0.0)
     gb = tl.load(gb_ptr + ch, mask=c_mask, other=0.0)
-    d = s - t
-    col = tl.sum(act[:, None] * d * d, axis=0)  # per pixel: sum_c A_C(T) (S - T)^2
-    part = (n * tl.num_programs(1) + cb) * tl.num_programs(0) + hb
-    tl.store(fg_part_ptr + part, tl.sum(col * pf, axis=0))
-    tl.store(bg_part_ptr + part, tl.sum(col * pb, axis=0))
     g = _fgd_grad_tile(s, t, f, ga, act, gb)
     tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fgd_backward_kernel(go_ptr, s_ptr, t_ptr, g_ptr, f_ptr, ga_ptr, act_ptr, gb_ptr, C, HW,
-                         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    # The three grad_outputs are read on the device (no host sync, graph-capturable).
-    go_fg = tl.load(go_ptr)
-    go_bg = tl.load(go_ptr + 1)
-    go_att = tl.load(go_ptr + 2)
-    hb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw_mask = hw < HW
-    c_mask = c < C
-    mask = c_mask[:, None] & hw_mask[None, :]
-    offs = _tile_offsets(n, c, hw, C, HW, CL)
-    if (go_fg == go_bg) & (go_bg == go_att):
-        # The forward buffer is the gradient of the sum of the three outputs: rescale it.
-        if go_fg != 1.0:
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(g_ptr + offs, (g * go_fg).to(g_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Unequal weights cannot be separated from one buffer: recompute from S and T with
-        # per-pixel/per-channel factors that already carry the three grad_outputs.
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        pix = n.to(tl.int64) * HW + hw
-        ch = n.to(tl.int64) * C + c
-        f = tl.load(f_ptr + pix, mask=hw_mask, other=0.0)
-        ga = tl.load(ga_ptr + pix, mask=hw_mask, other=0.0)
-        act = tl.load(act_ptr + ch, mask=c_mask, other=0.0)
-        gb = tl.load(gb_ptr + ch, mask=c_mask, other=0.0)
-        g = _fgd_grad_tile(s, t, f, ga, act, gb)
-        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _attention_grad(logits: Tensor, att_s: Tensor, att_t: Tensor, n: int, scale: float) -> Tensor:
@@ -191,13 +175,13 @@ def _check(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, t
 
 
 class FGDFunction(torch.autograd.Function):
-    """Autograd wrapper: forward runs the three passes, backward rescales or recomputes."""
+    """Autograd wrapper: forward runs the stats and focal passes, backward recomputes the gradient."""
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, temp: float,
                 weights: Tuple[float, float, float]):
         _check(student, teacher, fg_mask, bg_mask, temp)
-        s, t, cl = nchw_layout(student, teacher.detach())
+        s, t, cl = nchw_layout(student.detach(), teacher.detach())
         n, c, h, w = s.shape
         hw = h * w
         dev = s.device
@@ -210,9 +194,8 @@ class FGDFunction(torch.autograd.Function):
         pix_t = torch.empty_like(pix_s)
         ch_s = torch.empty(n, c, n_hwb, dtype=torch.float32, device=dev)
         ch_t = torch.empty_like(ch_s)
-        _fgd_stats_kernel[(n_hwb, n)](s, t, pix_s, pix_t, ch_s, ch_t, c, hw, n_hwb,
-                                      BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl,
-                                      num_warps=NUM_WARPS)
+        launch(_fgd_stats_kernel, (n_hwb, n), s, s, t, pix_s, pix_t, ch_s, ch_t, c, hw, n_hwb,
+               BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl, num_warps=NUM_WARPS)
         # Attention maps and their gradients: N x HW and N x C, negligible next to the features.
         a_s, a_t = pix_s / (c * temp), pix_t / (c * temp)
         b_s, b_t = ch_s.sum(-1) / (hw * temp), ch_t.sum(-1) / (hw * temp)
@@ -222,40 +205,32 @@ class FGDFunction(torch.autograd.Function):
         # chain rule through mean_c |x| / temp and mean_hw |x| / temp (sign(S) is applied per element)
         ga = _attention_grad(a_s, as_s, as_t, n, hw) / (c * temp)
         gb = _attention_grad(b_s, ac_s, ac_t, n, c) / (hw * temp)
-        f = (2.0 / n) * as_t * (w_fg * fg + w_bg * bg)
-        pf = as_t * fg * (w_fg / n)
-        pb = as_t * bg * (w_bg / n)
 
         block_c, block_hw = TILES[cl]
         grid = (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n)
         parts = torch.empty(2, grid[0] * grid[1] * grid[2], dtype=torch.float32, device=dev)
-        grad = torch.empty_like(s)
-        _fgd_focal_kernel[grid](s, t, grad, f, pf, pb, (w_att * ga).contiguous(), ac_t.contiguous(),
-                                (w_att * gb).contiguous(), parts[0], parts[1], c, hw,
-                                BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
-        l_fg, l_bg = sum_partials(parts[0]), sum_partials(parts[1])
+        launch(_fgd_focal_kernel, grid, s, s, t, as_t * fg * (w_fg / n), as_t * bg * (w_bg / n), ac_t.contiguous(),
+               parts[0], parts[1], c, hw, BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
+        l_fg, l_bg = sum_partials(parts).unbind(0)  # one launch for both rows
 
-        ctx.save_for_backward(s, t, grad, as_t, fg, bg, ga, ac_t, gb)
+        ctx.save_for_backward(s, t, as_t, fg, bg, ga, ac_t, gb)
         ctx.meta = (cl, grid, n, (w_fg, w_bg, w_att))
-        ctx.used = False
         return l_fg, l_bg, (w_att * l_att).to(torch.float32)
 
     @staticmethod
     def backward(ctx, go_fg: Tensor, go_bg: Tensor, go_att: Tensor):
-        if ctx.used:
-            raise LossError("the fused Triton losses support one backward pass per forward; "
-                            "recompute the loss instead of using retain_graph=True")
-        ctx.used = True
-        s, t, grad, as_t, fg, bg, ga, ac_t, gb = ctx.saved_tensors
+        check_once(ctx)
+        s, t, as_t, fg, bg, ga, ac_t, gb = ctx.saved_tensors
         cl, grid, n, (w_fg, w_bg, w_att) = ctx.meta
-        go = torch.stack([go_fg.reshape(()), go_bg.reshape(()), go_att.reshape(())]).to(torch.float32)
-        # Factors for the recompute branch, with the grad_outputs folded in (device ops, no sync).
-        f = (2.0 / n) * as_t * (go[0] * w_fg * fg + go[1] * w_bg * bg)
-        scale_att = go[2] * w_att
+        # Per-pixel and per-channel factors with the grad_outputs folded in (device ops, no sync).
+        go_fg, go_bg, go_att = (x.detach().to(torch.float32) for x in (go_fg, go_bg, go_att))
+        f = (2.0 / n) * as_t * ((go_fg * w_fg) * fg + (go_bg * w_bg) * bg)
+        scale_att = go_att * w_att
         c, hw = s.shape[1], s.shape[2] * s.shape[3]
         block_c, block_hw = TILES[cl]
-        _fgd_backward_kernel[grid](go, s, t, grad, f, scale_att * ga, ac_t, scale_att * gb, c, hw,
-                                   BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
+        grad = torch.empty_like(s)  # s's layout and dtype
+        launch(_fgd_backward_kernel, grid, s, s, t, grad, f, scale_att * ga, ac_t, scale_att * gb, c, hw,
+               BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
         # Teacher, masks, temp and weights get no gradient.
         return grad, None, None, None, None, None
 
@@ -271,15 +246,13 @@ def fgd_focal_attention_triton(student: Tensor, teacher: Tensor, fg_mask: Tensor
         fg_mask: foreground weights per cell (no gradient).
         bg_mask: background weights per cell (no gradient).
         temp: attention temperature (> 0).
-        weights: ``(w_fg, w_bg, w_att)`` multiplied into the returned terms. Passing the loss
-            weights here, and summing the three outputs, keeps backward on its fast path
-            (equal ``grad_output`` values: a rescale instead of a recompute).
+        weights: ``(w_fg, w_bg, w_att)`` multiplied into the returned terms (and their gradient).
 
     Returns:
         ``(w_fg L_fg, w_bg L_bg, w_att L_att)``, three 0-d fp32 tensors.
 
     Shape:
-        student, teacher: ``(N, C, H, W)``, fp32/bf16/fp16; fg_mask, bg_mask: ``(N, H, W)``.
+        student, teacher: ``(N, C, H, W)``, fp32/bf16/fp16 each; fg_mask, bg_mask: ``(N, H, W)``.
     """
     if len(weights) != 3:
         raise LossError(f"fgd_focal_attention_triton: weights must be (w_fg, w_bg, w_att), got {weights!r}")
@@ -288,21 +261,21 @@ def fgd_focal_attention_triton(student: Tensor, teacher: Tensor, fg_mask: Tensor
 
 def _specialisations() -> list:
     out = []
-    for dt in DTYPES:
-        ty = f"*{TRITON_DTYPE[dt]}"
+    # fp16 compiles to bf16's code up to the convert instructions; the compile test checks bf16 for both.
+    for sdt, tdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        sty, tty = f"*{TRITON_DTYPE[sdt]}", f"*{TRITON_DTYPE[tdt]}"
         for cl in (False, True):
             out.append(("_fgd_stats_kernel",
-                        {"s_ptr": ty, "t_ptr": ty, "pix_s_ptr": "*fp32", "pix_t_ptr": "*fp32", "ch_s_ptr": "*fp32",
+                        {"s_ptr": sty, "t_ptr": tty, "pix_s_ptr": "*fp32", "pix_t_ptr": "*fp32", "ch_s_ptr": "*fp32",
                          "ch_t_ptr": "*fp32", "C": "i32", "HW": "i32", "n_hwb": "i32",
                          "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"},
                         {"BLOCK_C": BLOCK_C_STATS, "BLOCK_HW": BLOCK_HW_STATS, "CL": cl}, NUM_WARPS))
-            sig = {"s_ptr": ty, "t_ptr": ty, "g_ptr": ty}
-            sig.update({k: "*fp32" for k in ("f_ptr", "pf_ptr", "pb_ptr", "ga_ptr", "act_ptr", "gb_ptr",
-                                             "fg_part_ptr", "bg_part_ptr")})
+            sig = {"s_ptr": sty, "t_ptr": tty}
+            sig.update({k: "*fp32" for k in ("pf_ptr", "pb_ptr", "act_ptr", "fg_part_ptr", "bg_part_ptr")})
             sig.update({"C": "i32", "HW": "i32", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
             const = {"BLOCK_C": TILES[cl][0], "BLOCK_HW": TILES[cl][1], "CL": cl}
             out.append(("_fgd_focal_kernel", sig, const, NUM_WARPS))
-            sig = {"go_ptr": "*fp32", "s_ptr": ty, "t_ptr": ty, "g_ptr": ty}
+            sig = {"s_ptr": sty, "t_ptr": tty, "g_ptr": sty}
             sig.update({k: "*fp32" for k in ("f_ptr", "ga_ptr", "act_ptr", "gb_ptr")})
             sig.update({"C": "i32", "HW": "i32", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
             out.append(("_fgd_backward_kernel", sig, const, NUM_WARPS))

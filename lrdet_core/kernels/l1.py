@@ -1,4 +1,4 @@
-"""Fused L1 distillation loss over all pyramid levels in one Triton launch.
+"""Fused L1 distillation loss over all pyramid levels in one Triton launch per pass.
 
 Math, per level ``l`` with student ``S_l`` and teacher ``T_l`` (any shape, equal)::
 
@@ -6,11 +6,14 @@ Math, per level ``l`` with student ``S_l`` and teacher ``T_l`` (any shape, equal
     L = sum_l  mean(|S_l - T_l|)                   reduction="mean"
     dL/dS_l = sign(S_l - T_l) * (1 or 1/numel(S_l)),  sign(0) = 0
 
-Bytes moved (minimum, per element, forward + backward together): **3** element accesses --
-read S, read T, write dL/dS in one pass. The backward pass only rescales that buffer by
-``grad_output``; it reads ``grad_output`` on the device and skips the rescale when it is 1,
-so a loss that is the last op stays at 3. With a weight applied after the loss
-(``grad_output != 1``) the rescale adds 2 (read and write the buffer): 5.
+Bytes moved (minimum, per element): forward **2** element accesses (read S and T, one fp32
+partial per program), backward **3** (read S and T, write ``grad_output * dL/dS`` in the
+student's dtype): **5** in all, whatever ``grad_output`` is. Nothing is stored between the
+passes but references to S and T, so fp16 gradients under a GradScaler are rounded once, after
+the scale is applied, as in eager PyTorch.
+
+Mixed dtypes (e.g. a bf16 student and an fp32 teacher) are read as they are, each through its
+own pointer type, and converted in registers: no copy.
 
 Layouts: contiguous, channels_last or any dense layout with equal student/teacher strides is
 walked over its flat storage without a copy; anything else is made ``.contiguous()`` first.
@@ -36,7 +39,7 @@ def l1_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: s
         reduction: ``"sum"`` or ``"mean"`` per level (levels are always summed).
 
     Shape:
-        student[i], teacher[i]: any equal shape, fp32/bf16/fp16 (one dtype for all levels).
+        student[i], teacher[i]: any equal shape, fp32/bf16/fp16 each (the gradient has the student's dtype).
         Output: ``()`` fp32.
     """
     return PointwiseFunction.apply(True, reduction, "l1_triton", len(student), *student, *teacher)

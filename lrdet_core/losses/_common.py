@@ -167,9 +167,14 @@ def load_kernel(kernel: str, func: str) -> Callable:
     return fn
 
 
+#: Dtypes the kernels read directly, in any student/teacher mix (each side has its own pointer type).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def triton_inputs(student: Tensor, teacher: Tensor) -> Tuple[Tensor, Tensor]:
-    """Kernels load their inputs as they are; only a dtype mix is promoted (bf16 + fp32 -> fp32)."""
-    if student.dtype != teacher.dtype:
+    """Kernels load their inputs as they are, mixed dtypes included (bf16 student + fp32 teacher
+    is not copied); other dtypes are promoted, so the kernel's own check names them."""
+    if student.dtype != teacher.dtype and not (student.dtype in _KERNEL_DTYPES and teacher.dtype in _KERNEL_DTYPES):
         dtype = acc_dtype(student, teacher)
         return student.to(dtype), teacher.to(dtype)
     return student, teacher

@@ -60,16 +60,27 @@ def fgd_masks(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], stride: flo
               feat_hw: Tuple[int, int], device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     r"""Foreground and background masks of one pyramid level.
 
-    A box ``(x1, y1, x2, y2)`` in canvas pixels covers the cells
+    A box ``(x1, y1, x2, y2)`` in canvas pixels spans the cells
     ``[floor(y1/s), ceil(y2/s)] x [floor(x1/s), ceil(x2/s)]`` (both ends included: the ``+1``
-    cell convention of the FGD authors' code), indices clamped into the grid. Each covered cell
-    gets ``max(current, 1 / number of cells the box covers)``, so a small box weighs as much as
-    a large one. The background mask spreads 1 uniformly over the cells no box touches; an
-    image without background cells gets an all-zero background mask.
+    cell convention of the FGD authors' code) and weighs ``1 / ((hmax + 1 - hmin) * (wmax + 1 - wmin))``,
+    so a small box weighs as much as a large one. As in the authors' code that count is taken
+    *before* any clamping: a box touching the right or bottom edge (``ceil(x2/s) = W``) or running
+    past it still counts the cells beyond the grid; only the cells inside the grid are then filled,
+    each with ``max(current, weight)``. The background mask spreads 1 uniformly over the cells no
+    box touches; an image without background cells gets an all-zero background mask.
 
-    Box rules: boxes are clipped to the canvas first. Boxes that are inverted (``x2 < x1`` or
-    ``y2 < y1``), have a non-finite coordinate, or lie entirely outside the canvas are ignored.
-    A zero-width or zero-height box is kept and covers the one or two cells its edge touches.
+    Box rules: boxes are not clipped (a clipped box would get another weight). Boxes that are
+    inverted (``x2 < x1`` or ``y2 < y1``), have a non-finite coordinate, or lie entirely outside
+    the canvas are ignored. A zero-width or zero-height box is kept and covers the one or two
+    cells its edge touches.
+
+    Differences from the authors' ``FeatureLoss`` (``mmdet/distillation/losses/fgd.py``), on
+    purpose: they scale boxes by ``W / img_shape[1]`` (the unpadded image) where this uses the
+    level's stride on the padded canvas (the two agree when the image fills the canvas); their
+    mask slice indexes rows with the ``w`` range and columns with the ``h`` range (transposed),
+    and a negative start index wraps around; here rows are ``h`` and a box past the left or top
+    edge follows the same count rule as on the other sides. Box arithmetic is float64 here,
+    float32 there, which can move a coordinate within ~1e-7 of a cell edge.
 
     Args:
         boxes: one ``(K_i, 4)`` ``xyxy`` tensor per image, in canvas (HR) pixels; ``K_i`` may be 0.
@@ -103,16 +114,21 @@ def fgd_masks(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], stride: flo
     fg = torch.zeros(n, h, w, device=device)
     if k:
         # float64 box arithmetic: floor/ceil at exact cell edges must not depend on fp32 rounding.
-        padded = torch.full((n, k, 4), float("nan"), dtype=torch.float64, device=device)
-        for i, b in enumerate(boxes):
-            padded[i, : b.shape[0]] = b.detach().reshape(-1, 4).to(device=device, dtype=torch.float64)
+        padded = torch.full((n * k, 4), float("nan"), dtype=torch.float64, device=device)
+        # One scatter for all images (a copy per image was two kernel launches per image on a GPU).
+        slots = [i * k + j for i, b in enumerate(boxes) for j in range(int(b.shape[0]))]
+        flat = torch.cat([b.detach().reshape(-1, 4) for b in boxes]).to(device=device, dtype=torch.float64)
+        padded[torch.tensor(slots, dtype=torch.long).to(device)] = flat
+        padded = padded.reshape(n, k, 4)
         x1, y1, x2, y2 = padded.unbind(dim=-1)
         valid = (torch.isfinite(padded).all(dim=-1) & (x2 >= x1) & (y2 >= y1)
                  & (x1 <= canvas_w) & (y1 <= canvas_h) & (x2 >= 0) & (y2 >= 0))
-        wmin = torch.floor(x1.clamp(0, canvas_w) / stride).clamp(0, w - 1)
-        wmax = torch.ceil(x2.clamp(0, canvas_w) / stride).clamp(0, w - 1)
-        hmin = torch.floor(y1.clamp(0, canvas_h) / stride).clamp(0, h - 1)
-        hmax = torch.ceil(y2.clamp(0, canvas_h) / stride).clamp(0, h - 1)
+        padded = torch.where(valid[..., None], padded, 0.0)  # keeps NaN/inf out of the weight
+        x1, y1, x2, y2 = padded.unbind(dim=-1)
+        # Cell ranges and the weight before any clamping (the authors' rule): the rows/cols
+        # tests below only fill the cells that exist.
+        wmin, wmax = torch.floor(x1 / stride), torch.ceil(x2 / stride)
+        hmin, hmax = torch.floor(y1 / stride), torch.ceil(y2 / stride)
         value = torch.where(valid, 1.0 / ((hmax + 1 - hmin) * (wmax + 1 - wmin)), 0.0).float()
         rows = torch.arange(h, device=device, dtype=torch.float64)
         cols = torch.arange(w, device=device, dtype=torch.float64)
@@ -293,7 +309,7 @@ def fgd(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
         check_pair(student, teacher)
         s, t = triton_inputs(student, teacher)
         kernel = load_kernel("fgd", "fgd_focal_attention_triton")
-        # Weights go into the kernel: its backward then rescales one buffer instead of recomputing.
+        # Weights go into the kernel, which folds them into the per-pixel and per-channel factors of its backward.
         l_fg, l_bg, l_att = kernel(s, t, fg_mask, bg_mask, check_positive("temp", temp),
                                    weights=(alpha, beta, gamma))
         return l_fg + l_bg + l_att + lam * fgd_global(student, teacher, gc_student, gc_teacher)
