@@ -42,14 +42,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def min_accesses(loss: str, levels: Sequence[Tuple[int, int]]) -> List[int]:
-    """Minimum element reads + writes per element of each level, forward + backward together.
+    """Element reads + writes per element of each level that the fused kernels make, forward + backward.
 
-    MSE/L1: read S, read T, write dS (3). CWD: 3 for rows that fit one block (<= 4096 cells),
-    5 for longer rows (S and T read twice). FGD: two streaming passes, 2 + 3 = 5.
+    The kernels recompute the gradient in backward with ``grad_output`` folded in (no stored gradient, no
+    fp16 underflow before a loss scale): MSE, L1, CWD read S and T forward (2), read S and T and write dS
+    backward (3): 5. FGD: 4 forward (statistics and focal passes), 3 backward: 7. Counted lane by lane by
+    ``benchmarks/count_launches.py``.
     """
-    if loss == "cwd":
-        return [3 if h * w <= 4096 else 5 for h, w in levels]
-    return [5 if loss == "fgd" else 3] * len(levels)
+    return [7 if loss == "fgd" else 5] * len(levels)
 
 
 def min_bytes(loss: str, levels, n: int, c: int, dtype: torch.dtype) -> int:
