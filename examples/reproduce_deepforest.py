@@ -31,7 +31,8 @@ Usage::
 Every finished (method, seed) run is saved at once (``<out>/<name>.runs/``); rerunning an interrupted
 command skips the finished runs and gives the same numbers.
 
-Outputs (``--out``, default ``runs/``, untracked; ``--save-results`` writes into the committed ``examples/results``): ``deepforest[_<preset>].json`` with every run's
+Outputs (``--out``, default ``runs/``, untracked; ``--save-results`` writes into the committed
+``examples/results``): ``deepforest[_<preset>].json`` with every run's
 metrics and settings, ``deepforest[_<preset>].md`` (tables), ``deepforest[_<preset>]_ap.png`` (AP per
 method), ``deepforest[_<preset>]_features.png`` (FPN activation maps, as in the paper's Fig. 2) and
 ``deepforest[_<preset>]_detections.png`` (detections with misses and false positives, as in Fig. 3).
@@ -504,9 +505,10 @@ def markdown(results: Dict, summary: Dict) -> str:
     lines = [f"# LRDet on NEON tree crowns (DeepForest sample data), preset `{cfg['preset']}`", "",
              f"Command: `{cfg['command']}`  ",
              f"LR scale {cfg['scale']} (tiles {round(256 * cfg['scale'])} px, HR 256 px); teacher "
-             f"{cfg['teacher_iters']} iterations (AdamW lr {cfg.get('teacher_lr', cfg['lr'])}), students {cfg['iters']} "
-             f"iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr "
-             f"{cfg['lr']}, held-out rows {cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: {ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
+             f"{cfg['teacher_iters']} iterations (AdamW lr {cfg.get('teacher_lr', cfg['lr'])}), students "
+             f"{cfg['iters']} iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr {cfg['lr']}, held-out rows "
+             f"{cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: "
+             f"{ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
              f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']}"
              f"{_resumed_note(results)} "
              f"(teacher training: {results['timings_s']['hr_teacher'] / 60:.1f} min"

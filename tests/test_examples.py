@@ -64,7 +64,8 @@ def test_deepforest_splits(deepforest_data):
     # the powered presets' larger held-out set: 3 rows of non-overlapping tiles, so no crown is counted twice
     val768 = dfd.load_split("val", held_out_rows=768)
     assert len(val768) == 24 and sum(len(t["boxes"]) for t in val768) == 172
-    assert len({t["origin"] for t in val768}) == 24 and all(t["origin"][1] >= crops.image.shape[-2] - 768 for t in val768)
+    assert len({t["origin"] for t in val768}) == 24
+    assert all(t["origin"][1] >= crops.image.shape[-2] - 768 for t in val768)
     assert dfd.TrainCrops(held_out_rows=768).max_y + dfd.TILE <= crops.image.shape[-2] - 768
 
 
