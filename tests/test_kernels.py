@@ -558,6 +558,9 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
 # CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
 BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (4, 3)),
                       "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (15, 5))}
+# FGD's other kernel ops per call (fwd, bwd) on RetinaNet P3-P7, and the masks' share of the forward.
+FGD_TORCH_OPS = (439, 185)
+FGD_MASK_OPS = 60
 
 
 @pytest.mark.parametrize("name", sorted(BYTES_AND_LAUNCHES))
@@ -574,6 +577,25 @@ def test_bytes_and_launches_table(name):
         assert got["fwd_torch"] == got["bwd_torch"] == 0  # nothing but the kernels launches
     if name == "fgd":  # the masks of all images are built by the same ops, whatever the batch
         assert count_launches.launches(name, 16)["fwd_torch"] == got["fwd_torch"]
+        # The table's other kernel ops are an upper bound (a newer torch may fuse or split an op).
+        assert got["fwd_torch"] <= FGD_TORCH_OPS[0] and got["bwd_torch"] <= FGD_TORCH_OPS[1]
+
+
+def test_fgd_masks_ops_do_not_grow_with_levels():
+    # fgd_masks_levels builds every level's masks with one set of ops: five levels cost what one does.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import count_launches
+    from lrdet_core.losses.fgd import fgd_masks_levels
+
+    dev = torch.device("meta")
+
+    def ops(levels):
+        boxes = count_launches._boxes(2, dev)
+        with count_launches._TorchOps() as counted:
+            fgd_masks_levels(boxes, count_launches.CANVAS, count_launches.STRIDES[:len(levels)], levels, device=dev)
+        return len(counted.ops)
+
+    assert ops(count_launches.RETINANET) == ops(count_launches.RETINANET[:1]) <= FGD_MASK_OPS
 
 
 # --------------------------------------------------------------------- shared properties
