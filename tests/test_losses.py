@@ -544,6 +544,8 @@ def fake_kernels(monkeypatch):
                           ("cwd", "cwd_triton", torch.tensor(7.0)), ("fgd", "fgd_focal_attention_triton", fgd_out)):
         module = types.ModuleType(f"lrdet_core.kernels.{name}")
         setattr(module, fn, record(name, out))
+        if name == "fgd":  # FGDLoss passes all levels to one call
+            module.fgd_levels_triton = record("fgd_levels", out)
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(common, "_is_cuda", lambda x: True)
     return calls
@@ -561,10 +563,11 @@ def test_triton_backend_calls_kernels_with_all_levels(fake_kernels):
     assert fake_kernels[2][1][2] == 2.0
     ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
     loss = FGDLoss(channels=[4, 4, 4], backend="triton", lam=0.0)
-    assert loss(s, t, ctx).item() == 3 * 6.0
-    fgd_call = fake_kernels[-1]
-    assert fgd_call[2]["weights"] == (1e-3, 5e-4, 5e-4) and fgd_call[1][4] == 0.5
-    assert fgd_call[1][2].shape == (2, 2, 3)  # the fg mask of the last level
+    assert loss(s, t, ctx).item() == 6.0  # one kernel call for all three levels
+    name, (ss, ts, fgs, bgs, temp), kwargs = fake_kernels[-1]
+    assert name == "fgd_levels" and kwargs["weights"] == (1e-3, 5e-4, 5e-4) and temp == 0.5
+    assert len(ss) == len(ts) == len(fgs) == len(bgs) == 3 and ss[1] is s[1]
+    assert fgs[2].shape == bgs[2].shape == (2, 2, 3)  # the masks of the last level
 
 
 def test_triton_backend_without_kernel_module_is_a_loss_error(fake_kernels, monkeypatch):

@@ -506,16 +506,37 @@ class FGDLoss(nn.Module):
     def terms(self, student: Levels, teacher: Levels, ctx=None) -> Dict[str, Tensor]:
         """The four unweighted terms (``fg``, ``bg``, ``att``, ``glb``), each summed over levels."""
         s_list, t_list, backend = self._prepare(student, teacher, ctx)
+        masks = self._masks(ctx, s_list)
+        if backend == "triton":
+            l_fg, l_bg, l_att = self._focal_triton(s_list, t_list, masks, (1.0, 1.0, 1.0))
+            return {"fg": l_fg, "bg": l_bg, "att": l_att, "glb": self._global(s_list, t_list)}
         total: Dict[str, Tensor] = {}
-        for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, self._masks(ctx, s_list))):
+        for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, masks)):
             level = fgd_terms(s, t, fg, bg, self.gc_student[i], self.gc_teacher[i], self.temp, backend)
             total = level if not total else {k: total[k] + v for k, v in level.items()}
         return total
 
+    def _focal_triton(self, s_list: List[Tensor], t_list: List[Tensor], masks: List[Tuple[Tensor, Tensor]],
+                      weights: Tuple[float, float, float]) -> Tuple[Tensor, Tensor, Tensor]:
+        # All levels in each kernel launch (one stats, one focal, one sum forward; one backward).
+        pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
+        kernel = load_kernel("fgd", "fgd_levels_triton")
+        return kernel([s for s, _ in pairs], [t for _, t in pairs], [fg for fg, _ in masks], [bg for _, bg in masks],
+                      self.temp, weights=weights)
+
+    def _global(self, s_list: List[Tensor], t_list: List[Tensor]) -> Tensor:
+        terms = [fgd_global(s, t, self.gc_student[i], self.gc_teacher[i])
+                 for i, (s, t) in enumerate(zip(s_list, t_list))]
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+
     def forward(self, student: Levels, teacher: Levels, ctx=None) -> Tensor:
         s_list, t_list, backend = self._prepare(student, teacher, ctx)
+        masks = self._masks(ctx, s_list)
+        if backend == "triton":
+            l_fg, l_bg, l_att = self._focal_triton(s_list, t_list, masks, (self.alpha, self.beta, self.gamma))
+            return l_fg + l_bg + l_att + self.lam * self._global(s_list, t_list)
         total: Optional[Tensor] = None
-        for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, self._masks(ctx, s_list))):
+        for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, masks)):
             level = fgd(s, t, fg, bg, self.gc_student[i], self.gc_teacher[i], self.temp,
                         self.alpha, self.beta, self.gamma, self.lam, backend)
             total = level if total is None else total + level
