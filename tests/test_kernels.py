@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import copy
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -324,6 +326,54 @@ def test_fgd_triton_dispatch_all_four_terms(monkeypatch, channels_last):
     torch.testing.assert_close(s.grad.double(), expected, rtol=1e-4, atol=3e-5 * expected.abs().max().item())
 
 
+# Seven levels (two launch groups of <= 6 slots), each with its own C and H x W, sizes not
+# multiples of the tiles; the stride of each level decides its masks.
+FGD_PYRAMID = [(5, 13, 21, 4), (3, 7, 11, 8), (6, 4, 6, 16), (2, 3, 5, 8), (4, 9, 2, 4), (3, 1, 1, 64), (5, 2, 3, 32)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "mixed"])
+def test_fgd_loss_all_levels_in_each_launch_match_reference(monkeypatch, layout):
+    # FGDLoss(backend="triton") runs every level through one stats, one focal and one backward
+    # launch (per group of six): values and gradients of every level against float64, per level.
+    from lrdet_core.losses import FGDLoss
+    from lrdet_core.losses import _common as losses_common
+
+    monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
+    g = torch.Generator().manual_seed(11)
+    canvas = (56, 88)
+    boxes = [torch.tensor([[8.0, 8.0, 40.0, 30.0]]), torch.tensor([[0.0, 0.0, 20.0, 50.0], [50, 10, 80, 40]])]
+    student, teacher = [], []
+    for i, (c, h, w, _) in enumerate(FGD_PYRAMID):
+        s, t = torch.randn(2, c, h, w, generator=g), torch.randn(2, c, h, w, generator=g)
+        if layout == "nhwc" or (layout == "mixed" and i % 2):
+            s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+        student.append(s.requires_grad_())
+        teacher.append(t)
+    ctx = SimpleNamespace(boxes=boxes, strides=[st for *_, st in FGD_PYRAMID], canvas_size=canvas)
+    weights = dict(temp=0.5, alpha=0.9, beta=0.4, gamma=0.3, lam=0.2)
+    loss_fn = FGDLoss("retinanet", channels=[c for c, *_ in FGD_PYRAMID], backend="triton", **weights)
+    for i, m in enumerate(list(loss_fn.gc_student) + list(loss_fn.gc_teacher)):
+        _randomize(m, i)
+    loss = loss_fn(student, teacher, ctx)
+    masks = [reference.ref_fgd_masks(boxes, canvas, st, (h, w)) for _, h, w, st in FGD_PYRAMID]
+    want = sum(reference.ref_fgd(s, t, fg, bg, loss_fn.gc_student[i], loss_fn.gc_teacher[i], **weights)
+               for i, (s, t, (fg, bg)) in enumerate(zip(student, teacher, masks)))
+    torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    terms = loss_fn.terms(student, teacher, ctx)
+    want_terms = [reference.ref_fgd_terms(s, t, fg, bg, loss_fn.gc_student[i], loss_fn.gc_teacher[i], 0.5)
+                  for i, (s, t, (fg, bg)) in enumerate(zip(student, teacher, masks))]
+    for k in ("fg", "bg", "att", "glb"):
+        torch.testing.assert_close(terms[k].double(), torch.tensor(sum(w[k] for w in want_terms), dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for i, (s, t, (fg, bg)) in enumerate(zip(student, teacher, masks)):
+        leaf = s.detach().double().requires_grad_()
+        gs, gt = (copy.deepcopy(m).double() for m in (loss_fn.gc_student[i], loss_fn.gc_teacher[i]))
+        _fgd_total64(leaf, t.double(), fg, bg, gs, gt, **weights).backward()
+        # As in test_fgd_triton_dispatch_all_four_terms: the eager fp32 GcBlock term rounds at ~1e-5.
+        torch.testing.assert_close(s.grad.double(), leaf.grad, rtol=1e-4, atol=3e-5 * leaf.grad.abs().max().item())
+
+
 def test_fgd_weights_scale_terms_and_gradient():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     plain = fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)
@@ -556,8 +606,12 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
 # The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
 # (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
 # CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
+# FGD: one stats launch, one focal launch and one sum forward, one backward launch, for all five levels.
 BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (4, 3)),
-                      "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (15, 5))}
+                      "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (3, 1))}
+# FGD's other kernel ops per call (fwd, bwd) on RetinaNet P3-P7, and the masks' share of the forward.
+FGD_TORCH_OPS = (371, 141)
+FGD_MASK_OPS = 60
 
 
 @pytest.mark.parametrize("name", sorted(BYTES_AND_LAUNCHES))
@@ -574,6 +628,25 @@ def test_bytes_and_launches_table(name):
         assert got["fwd_torch"] == got["bwd_torch"] == 0  # nothing but the kernels launches
     if name == "fgd":  # the masks of all images are built by the same ops, whatever the batch
         assert count_launches.launches(name, 16)["fwd_torch"] == got["fwd_torch"]
+        # The table's other kernel ops are an upper bound (a newer torch may fuse or split an op).
+        assert got["fwd_torch"] <= FGD_TORCH_OPS[0] and got["bwd_torch"] <= FGD_TORCH_OPS[1]
+
+
+def test_fgd_masks_ops_do_not_grow_with_levels():
+    # fgd_masks_levels builds every level's masks with one set of ops: five levels cost what one does.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import count_launches
+    from lrdet_core.losses.fgd import fgd_masks_levels
+
+    dev = torch.device("meta")
+
+    def ops(levels):
+        boxes = count_launches._boxes(2, dev)
+        with count_launches._TorchOps() as counted:
+            fgd_masks_levels(boxes, count_launches.CANVAS, count_launches.STRIDES[:len(levels)], levels, device=dev)
+        return len(counted.ops)
+
+    assert ops(count_launches.RETINANET) == ops(count_launches.RETINANET[:1]) <= FGD_MASK_OPS
 
 
 # --------------------------------------------------------------------- shared properties

@@ -13,6 +13,7 @@ from lrdet_core.context import DistillContext
 from lrdet_core.errors import LossError
 from lrdet_core.losses import (FGD_PRESETS, LOSSES, RECOMMENDED_ALPHA, CWDLoss, FGDLoss, GcBlock, L1Loss,
                                MSELoss, build_loss, cwd, fgd, fgd_global, fgd_masks, fgd_terms, l1, mse)
+from lrdet_core.losses.fgd import fgd_masks_levels
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import reference as ref  # noqa: E402
@@ -371,6 +372,30 @@ def test_fgd_edge_touching_boxes_match_authors_weight():
     torch.testing.assert_close(s.grad, leaf.grad, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", list(EDGE_BOXES) + ["edge_touching", "random", "inf"])
+def test_fgd_masks_levels_match_reference_per_level(case):
+    # All levels at once must give each level's one-level masks: levels of different sizes and
+    # strides, so a cell tested against another level's box range or a background count taken
+    # over the wrong cells shows up.
+    canvas = (56, 88)
+    boxes = {"edge_touching": EDGE_TOUCHING_BOXES, "random": random_boxes(3, canvas, k=5, seed=31),
+             "inf": [torch.tensor([[float("-inf"), 0.0, 20.0, 20.0], [8.0, 8.0, 40.0, 30.0]]),
+                     torch.tensor([[0.0, 0.0, float("inf"), 9.0]])]}.get(case) or EDGE_BOXES.get(case)
+    strides, hws = [8, 16, 32, 64], [(7, 11), (4, 6), (2, 3), (1, 2)]
+    got = fgd_masks_levels(boxes, canvas, strides, hws)
+    assert len(got) == len(hws)
+    for (fg, bg), stride, hw in zip(got, strides, hws):
+        rfg, rbg = ref.ref_fgd_masks(boxes, canvas, stride, hw)
+        assert fg.dtype == bg.dtype == torch.float32
+        torch.testing.assert_close(fg.double(), rfg, rtol=1e-6, atol=0)
+        torch.testing.assert_close(bg.double(), rbg, rtol=1e-6, atol=0)
+
+
+def test_fgd_masks_levels_error_on_stride_count():
+    with pytest.raises(LossError, match=r"one stride per level \(2 levels\), but got \[8\]"):
+        fgd_masks_levels([torch.zeros(0, 4)], (32, 32), [8], [(4, 4), (2, 2)])
+
+
 # ------------------------------------------------------------------------------- errors
 
 
@@ -519,6 +544,8 @@ def fake_kernels(monkeypatch):
                           ("cwd", "cwd_triton", torch.tensor(7.0)), ("fgd", "fgd_focal_attention_triton", fgd_out)):
         module = types.ModuleType(f"lrdet_core.kernels.{name}")
         setattr(module, fn, record(name, out))
+        if name == "fgd":  # FGDLoss passes all levels to one call
+            module.fgd_levels_triton = record("fgd_levels", out)
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(common, "_is_cuda", lambda x: True)
     return calls
@@ -536,10 +563,11 @@ def test_triton_backend_calls_kernels_with_all_levels(fake_kernels):
     assert fake_kernels[2][1][2] == 2.0
     ctx = DistillContext.from_features(t, (64, 96), boxes=random_boxes(2, (64, 96)))
     loss = FGDLoss(channels=[4, 4, 4], backend="triton", lam=0.0)
-    assert loss(s, t, ctx).item() == 3 * 6.0
-    fgd_call = fake_kernels[-1]
-    assert fgd_call[2]["weights"] == (1e-3, 5e-4, 5e-4) and fgd_call[1][4] == 0.5
-    assert fgd_call[1][2].shape == (2, 2, 3)  # the fg mask of the last level
+    assert loss(s, t, ctx).item() == 6.0  # one kernel call for all three levels
+    name, (ss, ts, fgs, bgs, temp), kwargs = fake_kernels[-1]
+    assert name == "fgd_levels" and kwargs["weights"] == (1e-3, 5e-4, 5e-4) and temp == 0.5
+    assert len(ss) == len(ts) == len(fgs) == len(bgs) == 3 and ss[1] is s[1]
+    assert fgs[2].shape == bgs[2].shape == (2, 2, 3)  # the masks of the last level
 
 
 def test_triton_backend_without_kernel_module_is_a_loss_error(fake_kernels, monkeypatch):

@@ -1,4 +1,4 @@
-"""Fused focal and attention terms of FGD (Yang et al., 2022) for one pyramid level.
+"""Fused focal and attention terms of FGD (Yang et al., 2022), all pyramid levels in each launch.
 
 Math, with ``N x C x H x W`` student ``S``, teacher ``T`` and ``N x H x W`` masks::
 
@@ -13,12 +13,15 @@ weight the focal terms). The student's gradient of ``L_att`` flows through ``A_S
 ``A_C(S)``: per element it is ``sign(S) * (ga[n, hw] + gb[n, c])`` with per-pixel ``ga`` and
 per-channel ``gb`` from the softmax Jacobians. The masks get no gradient.
 
-Passes (all streaming ones tiled ``BLOCK_C x BLOCK_HW`` over one sample):
+Passes (all streaming ones tiled ``BLOCK_C x BLOCK_HW`` over one sample). Each pass is one
+launch for all levels (per group of :data:`~._common.MAX_LEVELS`): programs are laid out level
+after level and a slot table (one pointer/size/offset set per level, as in ``_pointwise.py``)
+tells a program its level; the small side buffers hold the levels one after the other.
 
 1. ``_fgd_stats_kernel`` reads S and T once: per-pixel sums of ``|x|`` over C (complete per
    program) and per-channel partial sums over each pixel block (reduced by ``torch.sum``).
-2. Tiny ``N x HW`` / ``N x C`` torch ops: the attention maps, ``L_att`` and its gradient
-   factors, and the per-pixel factors of the focal terms.
+2. Tiny ``N x HW`` / ``N x C`` torch ops per level: the attention maps, ``L_att`` and its
+   gradient factors, and the per-pixel factors of the focal terms.
 3. ``_fgd_focal_kernel`` reads S and T again and writes per-program partials of ``L_fg`` and
    ``L_bg`` (summed by one launch for both).
 4. Backward: ``_fgd_backward_kernel`` reads S and T and writes the whole gradient
@@ -31,13 +34,14 @@ Bytes moved (minimum, per element): forward **4** element accesses (passes 1 and
 S and T), backward **3** (read S and T, write the gradient): **7** in all. The per-pixel and
 per-channel buffers are ``O(N (HW + C HW / BLOCK_HW))``, about 1-2 % of the features at C=256.
 
-Layouts: contiguous NCHW and channels_last are indexed without a copy (``CL`` flag); anything
-else, or a student and teacher in different layouts, falls back to ``.contiguous()``.
+Layouts: contiguous NCHW and channels_last are indexed without a copy (``CL`` flag, one per
+launch); anything else, a student and teacher in different layouts, or a channels_last level in
+a pyramid with NCHW levels, falls back to ``.contiguous()``.
 Student and teacher dtypes may differ (converted in registers).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -45,7 +49,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
-from ._common import TRITON_DTYPE, check_once, check_pair, launch, nchw_layout, sum_partials
+from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, launch, level_groups, nchw_layout,
+                      sum_partials)
 
 #: Tile (channels, pixels) of the two streaming passes by layout: 2048 elements over 8 warps,
 #: longer along the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread
@@ -68,11 +73,16 @@ def _tile_offsets(n, c, hw, C, HW, CL: tl.constexpr):
         return n * C * HW + c.to(tl.int64)[:, None] * HW + hw.to(tl.int64)[None, :]
 
 
-@triton.jit(do_not_specialize=["n_hwb"])
-def _fgd_stats_kernel(s_ptr, t_ptr, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, C, HW, n_hwb,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    hb = tl.program_id(0)
-    n = tl.program_id(1)
+#: Per-level integers the JIT does not specialise: program-range ends and side-buffer offsets
+#: change with every pyramid and buy no vectorisation (C and HW stay specialised).
+NO_SPECIALISE = [f"{n}{i}" for i in range(MAX_LEVELS) for n in ("nb", "e", "po", "co")]
+
+
+@triton.jit
+def _fgd_stats_block(s_ptr, t_ptr, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C, HW, n_hwb, po, co,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    hb = local % n_hwb
+    n = local // n_hwb
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
     pix_s = tl.zeros([BLOCK_HW], dtype=tl.float32)
@@ -85,14 +95,46 @@ def _fgd_stats_kernel(s_ptr, t_ptr, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, C,
         t = tl.abs(tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         pix_s += tl.sum(s, axis=0)
         pix_t += tl.sum(t, axis=0)
-        # Channel sums over this pixel block only; [N, C, n_hwb] is summed by torch later
-        # (fixed order, no atomics).
-        ch_offs = (n.to(tl.int64) * C + c) * n_hwb + hb
+        # Channel sums over this pixel block only; the level's [N, C, n_hwb] block is summed by
+        # torch later (fixed order, no atomics).
+        ch_offs = co + (n.to(tl.int64) * C + c) * n_hwb + hb
         tl.store(ch_s_ptr + ch_offs, tl.sum(s, axis=1), mask=c < C)
         tl.store(ch_t_ptr + ch_offs, tl.sum(t, axis=1), mask=c < C)
-    pix_offs = n.to(tl.int64) * HW + hw
+    pix_offs = po + n.to(tl.int64) * HW + hw
     tl.store(pix_s_ptr + pix_offs, pix_s, mask=hw_mask)
     tl.store(pix_t_ptr + pix_offs, pix_t, mask=hw_mask)
+
+
+@triton.jit(do_not_specialize=NO_SPECIALISE)
+def _fgd_stats_kernel(pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr,
+                      s0, t0, C0, HW0, nb0, e0, po0, co0,
+                      s1, t1, C1, HW1, nb1, e1, po1, co1,
+                      s2, t2, C2, HW2, nb2, e2, po2, co2,
+                      s3, t3, C3, HW3, nb3, e3, po3, co3,
+                      s4, t4, C4, HW4, nb4, e4, po4, co4,
+                      s5, t5, C5, HW5, nb5, e5, po5, co5,
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    # Programs are laid out level after level (e_i: end of level i's range; unused slots have an
+    # empty range), each owning BLOCK_HW pixels of one sample and looping over all channels.
+    pid = tl.program_id(0)
+    if pid < e0:
+        _fgd_stats_block(s0, t0, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid, C0, HW0, nb0, po0, co0,
+                         BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e0) & (pid < e1):
+        _fgd_stats_block(s1, t1, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e0, C1, HW1, nb1, po1, co1,
+                         BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e1) & (pid < e2):
+        _fgd_stats_block(s2, t2, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e1, C2, HW2, nb2, po2, co2,
+                         BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e2) & (pid < e3):
+        _fgd_stats_block(s3, t3, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e2, C3, HW3, nb3, po3, co3,
+                         BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e3) & (pid < e4):
+        _fgd_stats_block(s4, t4, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e3, C4, HW4, nb4, po4, co4,
+                         BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e4) & (pid < e5):
+        _fgd_stats_block(s5, t5, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e4, C5, HW5, nb5, po5, co5,
+                         BLOCK_C, BLOCK_HW, CL)
 
 
 @triton.jit
@@ -104,47 +146,79 @@ def _fgd_grad_tile(s, t, f, ga, act, gb):
 
 
 @triton.jit
-def _fgd_focal_kernel(s_ptr, t_ptr, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, C, HW,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    hb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw_mask = hw < HW
-    c_mask = c < C
-    mask = c_mask[:, None] & hw_mask[None, :]
-    offs = _tile_offsets(n, c, hw, C, HW, CL)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pix = n.to(tl.int64) * HW + hw
-    pf = tl.load(pf_ptr + pix, mask=hw_mask, other=0.0)
-    pb = tl.load(pb_ptr + pix, mask=hw_mask, other=0.0)
-    act = tl.load(act_ptr + n.to(tl.int64) * C + c, mask=c_mask, other=0.0)
-    d = s - t
-    col = tl.sum(act[:, None] * d * d, axis=0)  # per pixel: sum_c A_C(T) (S - T)^2
-    part = (n * tl.num_programs(1) + cb) * tl.num_programs(0) + hb
-    tl.store(fg_part_ptr + part, tl.sum(col * pf, axis=0))
-    tl.store(bg_part_ptr + part, tl.sum(col * pb, axis=0))
+def _fgd_tile(local, C, HW, nb, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # local -> (sample, channel block, pixel block), pixel blocks fastest.
+    hb = local % nb
+    rest = local // nb
+    n_cb = tl.cdiv(C, BLOCK_C)
+    cb = rest % n_cb
+    n = rest // n_cb
+    return n, cb * BLOCK_C + tl.arange(0, BLOCK_C), hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
 
 
 @triton.jit
-def _fgd_backward_kernel(s_ptr, t_ptr, g_ptr, f_ptr, ga_ptr, act_ptr, gb_ptr, C, HW,
-                         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    # f, ga and gb already carry the weights and the three grad_outputs.
-    hb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+def _fgd_focal_block(s_ptr, t_ptr, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C, HW, nb,
+                     po, co, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    n, c, hw = _fgd_tile(local, C, HW, nb, BLOCK_C, BLOCK_HW)
     hw_mask = hw < HW
     c_mask = c < C
     mask = c_mask[:, None] & hw_mask[None, :]
     offs = _tile_offsets(n, c, hw, C, HW, CL)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pix = n.to(tl.int64) * HW + hw
-    ch = n.to(tl.int64) * C + c
+    pix = po + n.to(tl.int64) * HW + hw
+    pf = tl.load(pf_ptr + pix, mask=hw_mask, other=0.0)
+    pb = tl.load(pb_ptr + pix, mask=hw_mask, other=0.0)
+    act = tl.load(act_ptr + co + n.to(tl.int64) * C + c, mask=c_mask, other=0.0)
+    d = s - t
+    col = tl.sum(act[:, None] * d * d, axis=0)  # per pixel: sum_c A_C(T) (S - T)^2
+    tl.store(fg_part_ptr + pid, tl.sum(col * pf, axis=0))
+    tl.store(bg_part_ptr + pid, tl.sum(col * pb, axis=0))
+
+
+@triton.jit(do_not_specialize=NO_SPECIALISE)
+def _fgd_focal_kernel(pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr,
+                      s0, t0, C0, HW0, nb0, e0, po0, co0,
+                      s1, t1, C1, HW1, nb1, e1, po1, co1,
+                      s2, t2, C2, HW2, nb2, e2, po2, co2,
+                      s3, t3, C3, HW3, nb3, e3, po3, co3,
+                      s4, t4, C4, HW4, nb4, e4, po4, co4,
+                      s5, t5, C5, HW5, nb5, e5, po5, co5,
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    # One partial of L_fg and one of L_bg per program (program id = partial index).
+    pid = tl.program_id(0)
+    if pid < e0:
+        _fgd_focal_block(s0, t0, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid, C0, HW0, nb0,
+                         po0, co0, BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e0) & (pid < e1):
+        _fgd_focal_block(s1, t1, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e0, C1, HW1, nb1,
+                         po1, co1, BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e1) & (pid < e2):
+        _fgd_focal_block(s2, t2, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e1, C2, HW2, nb2,
+                         po2, co2, BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e2) & (pid < e3):
+        _fgd_focal_block(s3, t3, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e2, C3, HW3, nb3,
+                         po3, co3, BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e3) & (pid < e4):
+        _fgd_focal_block(s4, t4, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e3, C4, HW4, nb4,
+                         po4, co4, BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e4) & (pid < e5):
+        _fgd_focal_block(s5, t5, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e4, C5, HW5, nb5,
+                         po5, co5, BLOCK_C, BLOCK_HW, CL)
+
+
+@triton.jit
+def _fgd_backward_block(s_ptr, t_ptr, g_ptr, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C, HW, nb, po, co,
+                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    n, c, hw = _fgd_tile(local, C, HW, nb, BLOCK_C, BLOCK_HW)
+    hw_mask = hw < HW
+    c_mask = c < C
+    mask = c_mask[:, None] & hw_mask[None, :]
+    offs = _tile_offsets(n, c, hw, C, HW, CL)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pix = po + n.to(tl.int64) * HW + hw
+    ch = co + n.to(tl.int64) * C + c
     f = tl.load(f_ptr + pix, mask=hw_mask, other=0.0)
     ga = tl.load(ga_ptr + pix, mask=hw_mask, other=0.0)
     act = tl.load(act_ptr + ch, mask=c_mask, other=0.0)
@@ -153,18 +227,53 @@ def _fgd_backward_kernel(s_ptr, t_ptr, g_ptr, f_ptr, ga_ptr, act_ptr, gb_ptr, C,
     tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _attention_grad(logits: Tensor, att_s: Tensor, att_t: Tensor, n: int, scale: float) -> Tensor:
-    """d(sum |att_s - att_t| / n)/d(logits) for ``att_s = K softmax(logits)`` over the last dim."""
-    u = torch.sign(att_s - att_t) / n
+@triton.jit(do_not_specialize=NO_SPECIALISE)
+def _fgd_backward_kernel(f_ptr, ga_ptr, act_ptr, gb_ptr,
+                         s0, t0, g0, C0, HW0, nb0, e0, po0, co0,
+                         s1, t1, g1, C1, HW1, nb1, e1, po1, co1,
+                         s2, t2, g2, C2, HW2, nb2, e2, po2, co2,
+                         s3, t3, g3, C3, HW3, nb3, e3, po3, co3,
+                         s4, t4, g4, C4, HW4, nb4, e4, po4, co4,
+                         s5, t5, g5, C5, HW5, nb5, e5, po5, co5,
+                         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
+    # f, ga and gb already carry the weights and the three grad_outputs.
+    pid = tl.program_id(0)
+    if pid < e0:
+        _fgd_backward_block(s0, t0, g0, f_ptr, ga_ptr, act_ptr, gb_ptr, pid, C0, HW0, nb0, po0, co0,
+                            BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e0) & (pid < e1):
+        _fgd_backward_block(s1, t1, g1, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e0, C1, HW1, nb1, po1, co1,
+                            BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e1) & (pid < e2):
+        _fgd_backward_block(s2, t2, g2, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e1, C2, HW2, nb2, po2, co2,
+                            BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e2) & (pid < e3):
+        _fgd_backward_block(s3, t3, g3, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e2, C3, HW3, nb3, po3, co3,
+                            BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e3) & (pid < e4):
+        _fgd_backward_block(s4, t4, g4, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e3, C4, HW4, nb4, po4, co4,
+                            BLOCK_C, BLOCK_HW, CL)
+    if (pid >= e4) & (pid < e5):
+        _fgd_backward_block(s5, t5, g5, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e4, C5, HW5, nb5, po5, co5,
+                            BLOCK_C, BLOCK_HW, CL)
+
+
+def _attention_grad(logits: Tensor, att_s: Tensor, diff: Tensor, n: int, scale: float) -> Tensor:
+    """d(sum |att_s - att_t| / n)/d(logits) for ``att_s = K softmax(logits)`` over the last dim.
+
+    ``diff`` is ``att_s - att_t`` (computed once for the loss and the gradient).
+    """
+    u = torch.sign(diff) / n
     # att_s = K p, d att_s_k / d logit_j = att_s_k (delta_kj - p_j)  =>  att_s_j (u_j - sum_k u_k p_k)
     p = att_s / scale
     return att_s * (u - (u * p).sum(-1, keepdim=True))
 
 
-def _check(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, temp: float) -> None:
-    check_pair(student, teacher, "fgd_focal_attention_triton")
+def _check(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, temp: float, level: int = 0) -> None:
+    check_pair(student, teacher, "fgd_focal_attention_triton", level)
     if student.dim() != 4:
-        raise LossError(f"fgd_focal_attention_triton: expected N x C x H x W features, got shape {tuple(student.shape)}")
+        raise LossError(f"fgd_focal_attention_triton: expected N x C x H x W features at level {level}, "
+                        f"got shape {tuple(student.shape)}")
     n, _, h, w = student.shape
     for name, m in (("fg_mask", fg_mask), ("bg_mask", bg_mask)):
         if tuple(m.shape) != (n, h, w):
@@ -174,65 +283,129 @@ def _check(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, t
         raise LossError(f"fgd_focal_attention_triton: temp must be positive, got {temp}")
 
 
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    """Start of each level's block in a buffer holding the blocks one after the other."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(start)
+        start += size
+    return out
+
+
+def _launch_levels(kernel, ref: Tensor, head: list, per_level: Sequence[list], programs: Sequence[int],
+                   offsets: Sequence[Tuple[int, int]], part_rows: Sequence[Tensor] = (), **kwargs) -> None:
+    """One launch per group of :data:`MAX_LEVELS` levels, programs laid out level after level.
+
+    ``per_level[i]`` holds level ``i``'s slot arguments ending with two placeholders: the
+    program-range end goes before them and ``offsets[i]`` (its two side-buffer offsets) replace
+    them. ``part_rows`` are partials buffers indexed by program id, advanced group by group.
+    """
+    done = 0
+    for group in level_groups(len(per_level)):
+        args: list = []
+        end = 0
+        for slot in range(MAX_LEVELS):
+            used = slot < len(group)
+            i = group[slot] if used else group[0]  # an unused slot repeats a level with an empty range
+            end += programs[i] if used else 0
+            args += per_level[i][:-2] + [end] + (list(offsets[i]) if used else [0, 0])
+        if end:
+            launch(kernel, (end,), ref, *head, *[r[done:] for r in part_rows], *args, **kwargs)
+        done += end
+
+
 class FGDFunction(torch.autograd.Function):
-    """Autograd wrapper: forward runs the stats and focal passes, backward recomputes the gradient."""
+    """Autograd wrapper over all levels: forward runs the stats and focal passes (one launch each
+    per group of six levels), backward recomputes the gradient of every level in one launch."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, temp: float,
-                weights: Tuple[float, float, float]):
-        _check(student, teacher, fg_mask, bg_mask, temp)
-        s, t, cl = nchw_layout(student.detach(), teacher.detach())
-        n, c, h, w = s.shape
-        hw = h * w
-        dev = s.device
-        fg = fg_mask.detach().to(device=dev, dtype=torch.float32).reshape(n, hw).contiguous()
-        bg = bg_mask.detach().to(device=dev, dtype=torch.float32).reshape(n, hw).contiguous()
+    def forward(ctx, temp: float, weights: Tuple[float, float, float], n_levels: int, *tensors: Tensor):
+        students, teachers = tensors[:n_levels], tensors[n_levels:2 * n_levels]
+        fgs, bgs = tensors[2 * n_levels:3 * n_levels], tensors[3 * n_levels:]
+        for i, (s, t, fg, bg) in enumerate(zip(students, teachers, fgs, bgs)):
+            _check(s, t, fg, bg, temp, i)
+            if s.shape[0] != students[0].shape[0] or s.device != students[0].device:
+                raise LossError(f"fgd_focal_attention_triton: every level must hold the same images on one device; "
+                                f"level 0 is {tuple(students[0].shape)} on {students[0].device}, level {i} is "
+                                f"{tuple(s.shape)} on {s.device}")
+        pairs = [nchw_layout(s.detach(), t.detach()) for s, t in zip(students, teachers)]
+        # One layout per launch (CL is a constexpr): channels_last levels among NCHW ones are copied.
+        cl = all(p[2] for p in pairs)
+        pairs = [(s, t) if c == cl else (s.contiguous(), t.contiguous()) for s, t, c in pairs]
+        n, dev = pairs[0][0].shape[0], pairs[0][0].device
+        cs = [s.shape[1] for s, _ in pairs]
+        hws = [s.shape[2] * s.shape[3] for s, _ in pairs]
         w_fg, w_bg, w_att = (float(x) for x in weights)
+        # Side buffers hold the levels one after the other: N x HW_l per-pixel blocks, N x C_l
+        # per-channel blocks, N x C_l x n_hwb_l channel partial sums.
+        pix_off = _offsets([n * hw for hw in hws])
+        ch_off = _offsets([n * c for c in cs])
+        fg = torch.cat([m.detach().to(device=dev, dtype=torch.float32).reshape(-1) for m in fgs])
+        bg = torch.cat([m.detach().to(device=dev, dtype=torch.float32).reshape(-1) for m in bgs])
 
-        n_hwb = triton.cdiv(hw, BLOCK_HW_STATS)
-        pix_s = torch.empty(n, hw, dtype=torch.float32, device=dev)
+        n_hwb = [triton.cdiv(hw, BLOCK_HW_STATS) for hw in hws]
+        part_off = _offsets([n * c * nb for c, nb in zip(cs, n_hwb)])
+        pix_s = torch.empty(n * sum(hws), dtype=torch.float32, device=dev)
         pix_t = torch.empty_like(pix_s)
-        ch_s = torch.empty(n, c, n_hwb, dtype=torch.float32, device=dev)
+        ch_s = torch.empty(n * sum(c * nb for c, nb in zip(cs, n_hwb)), dtype=torch.float32, device=dev)
         ch_t = torch.empty_like(ch_s)
-        launch(_fgd_stats_kernel, (n_hwb, n), s, s, t, pix_s, pix_t, ch_s, ch_t, c, hw, n_hwb,
-               BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl, num_warps=NUM_WARPS)
-        # Attention maps and their gradients: N x HW and N x C, negligible next to the features.
-        a_s, a_t = pix_s / (c * temp), pix_t / (c * temp)
-        b_s, b_t = ch_s.sum(-1) / (hw * temp), ch_t.sum(-1) / (hw * temp)
-        as_s, as_t = hw * torch.softmax(a_s, -1), hw * torch.softmax(a_t, -1)
-        ac_s, ac_t = c * torch.softmax(b_s, -1), c * torch.softmax(b_t, -1)
-        l_att = ((ac_s - ac_t).abs().sum() + (as_s - as_t).abs().sum()) / n
-        # chain rule through mean_c |x| / temp and mean_hw |x| / temp (sign(S) is applied per element)
-        ga = _attention_grad(a_s, as_s, as_t, n, hw) / (c * temp)
-        gb = _attention_grad(b_s, ac_s, ac_t, n, c) / (hw * temp)
+        _launch_levels(_fgd_stats_kernel, pairs[0][0], [pix_s, pix_t, ch_s, ch_t],
+                       [[s, t, c, hw, nb, 0, 0] for (s, t), c, hw, nb in zip(pairs, cs, hws, n_hwb)],
+                       [n * nb for nb in n_hwb], list(zip(pix_off, part_off)),
+                       BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl, num_warps=NUM_WARPS)
+        # Attention maps and their gradients per level: N x HW and N x C, negligible next to the features.
+        as_t_all, ac_t_all, ga_all, gb_all, diffs = [], [], [], [], []
+        for i, (c, hw) in enumerate(zip(cs, hws)):
+            a_s = pix_s[pix_off[i]:pix_off[i] + n * hw].view(n, hw) / (c * temp)
+            a_t = pix_t[pix_off[i]:pix_off[i] + n * hw].view(n, hw) / (c * temp)
+            span = slice(part_off[i], part_off[i] + n * c * n_hwb[i])
+            b_s = ch_s[span].view(n, c, n_hwb[i]).sum(-1) / (hw * temp)
+            b_t = ch_t[span].view(n, c, n_hwb[i]).sum(-1) / (hw * temp)
+            as_s, as_t = hw * torch.softmax(a_s, -1), hw * torch.softmax(a_t, -1)
+            ac_s, ac_t = c * torch.softmax(b_s, -1), c * torch.softmax(b_t, -1)
+            d_s, d_c = as_s - as_t, ac_s - ac_t
+            # chain rule through mean_c |x| / temp and mean_hw |x| / temp (sign(S) is applied per element)
+            ga_all.append(_attention_grad(a_s, as_s, d_s, n, hw).reshape(-1) / (c * temp))
+            gb_all.append(_attention_grad(b_s, ac_s, d_c, n, c).reshape(-1) / (hw * temp))
+            as_t_all.append(as_t.reshape(-1))
+            ac_t_all.append(ac_t.reshape(-1))
+            diffs += [d_s.reshape(-1), d_c.reshape(-1)]
+        as_t, ac_t, ga, gb = (torch.cat(x) for x in (as_t_all, ac_t_all, ga_all, gb_all))
+        l_att = torch.cat(diffs).abs().sum() / n
 
         block_c, block_hw = TILES[cl]
-        grid = (triton.cdiv(hw, block_hw), triton.cdiv(c, block_c), n)
-        parts = torch.empty(2, grid[0] * grid[1] * grid[2], dtype=torch.float32, device=dev)
-        launch(_fgd_focal_kernel, grid, s, s, t, as_t * fg * (w_fg / n), as_t * bg * (w_bg / n), ac_t.contiguous(),
-               parts[0], parts[1], c, hw, BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
+        n_hb = [triton.cdiv(hw, block_hw) for hw in hws]
+        programs = [n * triton.cdiv(c, block_c) * nb for c, nb in zip(cs, n_hb)]
+        parts = torch.empty(2, sum(programs), dtype=torch.float32, device=dev)
+        slots = [[s, t, c, hw, nb, 0, 0] for (s, t), c, hw, nb in zip(pairs, cs, hws, n_hb)]
+        _launch_levels(_fgd_focal_kernel, pairs[0][0], [as_t * fg * (w_fg / n), as_t * bg * (w_bg / n), ac_t],
+                       slots, programs, list(zip(pix_off, ch_off)), part_rows=[parts[0], parts[1]],
+                       BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
         l_fg, l_bg = sum_partials(parts).unbind(0)  # one launch for both rows
 
-        ctx.save_for_backward(s, t, as_t, fg, bg, ga, ac_t, gb)
-        ctx.meta = (cl, grid, n, (w_fg, w_bg, w_att))
+        ctx.save_for_backward(as_t, fg, bg, ga, ac_t, gb, *[x for pair in pairs for x in pair])
+        ctx.meta = (cl, n, n_levels, (w_fg, w_bg, w_att), programs, pix_off, ch_off)
         return l_fg, l_bg, (w_att * l_att).to(torch.float32)
 
     @staticmethod
     def backward(ctx, go_fg: Tensor, go_bg: Tensor, go_att: Tensor):
         check_once(ctx)
-        s, t, as_t, fg, bg, ga, ac_t, gb = ctx.saved_tensors
-        cl, grid, n, (w_fg, w_bg, w_att) = ctx.meta
-        # Per-pixel and per-channel factors with the grad_outputs folded in (device ops, no sync).
+        as_t, fg, bg, ga, ac_t, gb, *flat = ctx.saved_tensors
+        cl, n, n_levels, (w_fg, w_bg, w_att), programs, pix_off, ch_off = ctx.meta
+        pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(n_levels)]
+        # Per-pixel and per-channel factors of all levels with the grad_outputs folded in (device ops, no sync).
         go_fg, go_bg, go_att = (x.detach().to(torch.float32) for x in (go_fg, go_bg, go_att))
         f = (2.0 / n) * as_t * ((go_fg * w_fg) * fg + (go_bg * w_bg) * bg)
         scale_att = go_att * w_att
-        c, hw = s.shape[1], s.shape[2] * s.shape[3]
         block_c, block_hw = TILES[cl]
-        grad = torch.empty_like(s)  # s's layout and dtype
-        launch(_fgd_backward_kernel, grid, s, s, t, grad, f, scale_att * ga, ac_t, scale_att * gb, c, hw,
-               BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
+        grads = [torch.empty_like(s) for s, _ in pairs]  # s's layout and dtype
+        slots = [[s, t, g, s.shape[1], s.shape[2] * s.shape[3], triton.cdiv(s.shape[2] * s.shape[3], block_hw), 0, 0]
+                 for (s, t), g in zip(pairs, grads)]
+        _launch_levels(_fgd_backward_kernel, pairs[0][0], [f, scale_att * ga, ac_t, scale_att * gb], slots,
+                       programs, list(zip(pix_off, ch_off)), BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl,
+                       num_warps=NUM_WARPS)
         # Teacher, masks, temp and weights get no gradient.
-        return grad, None, None, None, None, None
+        return (None, None, None, *grads, *([None] * (3 * n_levels)))
 
 
 def fgd_focal_attention_triton(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
@@ -254,9 +427,40 @@ def fgd_focal_attention_triton(student: Tensor, teacher: Tensor, fg_mask: Tensor
     Shape:
         student, teacher: ``(N, C, H, W)``, fp32/bf16/fp16 each; fg_mask, bg_mask: ``(N, H, W)``.
     """
+    return fgd_levels_triton([student], [teacher], [fg_mask], [bg_mask], temp, weights=weights)
+
+
+def fgd_levels_triton(students: Sequence[Tensor], teachers: Sequence[Tensor], fg_masks: Sequence[Tensor],
+                      bg_masks: Sequence[Tensor], temp: float, *, weights: Sequence[float] = (1.0, 1.0, 1.0),
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`fgd_focal_attention_triton` summed over pyramid levels, all levels in each launch.
+
+    Each level keeps its own attention maps and masks; the three returned terms are sums over
+    levels. Forward makes one statistics launch, one focal launch and one sum; backward one
+    launch (per group of :data:`MAX_LEVELS` levels). A pyramid mixing channels_last and NCHW
+    levels has its channels_last levels copied to NCHW (one layout per launch).
+
+    Shape:
+        per level ``l``: student, teacher ``(N, C_l, H_l, W_l)`` (same ``N``); masks ``(N, H_l, W_l)``.
+    """
     if len(weights) != 3:
         raise LossError(f"fgd_focal_attention_triton: weights must be (w_fg, w_bg, w_att), got {weights!r}")
-    return FGDFunction.apply(student, teacher, fg_mask, bg_mask, float(temp), tuple(weights))
+    lists = (students, teachers, fg_masks, bg_masks)
+    if not students or len({len(x) for x in lists}) != 1:
+        raise LossError(f"fgd_levels_triton: expected equal, non-zero numbers of students, teachers, fg and bg "
+                        f"masks, got {[len(x) for x in lists]}")
+    return FGDFunction.apply(float(temp), tuple(weights), len(students), *students, *teachers, *fg_masks, *bg_masks)
+
+
+def _slots(sty: str, tty: str, grad: bool) -> dict:
+    sig = {}
+    for i in range(MAX_LEVELS):
+        sig.update({f"s{i}": sty, f"t{i}": tty})
+        if grad:
+            sig[f"g{i}"] = sty
+        sig.update({f"{k}{i}": "i32" for k in ("C", "HW", "nb", "e", "po", "co")})
+    sig.update({"BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
+    return sig
 
 
 def _specialisations() -> list:
@@ -265,19 +469,16 @@ def _specialisations() -> list:
     for sdt, tdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]:
         sty, tty = f"*{TRITON_DTYPE[sdt]}", f"*{TRITON_DTYPE[tdt]}"
         for cl in (False, True):
-            out.append(("_fgd_stats_kernel",
-                        {"s_ptr": sty, "t_ptr": tty, "pix_s_ptr": "*fp32", "pix_t_ptr": "*fp32", "ch_s_ptr": "*fp32",
-                         "ch_t_ptr": "*fp32", "C": "i32", "HW": "i32", "n_hwb": "i32",
-                         "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"},
-                        {"BLOCK_C": BLOCK_C_STATS, "BLOCK_HW": BLOCK_HW_STATS, "CL": cl}, NUM_WARPS))
-            sig = {"s_ptr": sty, "t_ptr": tty}
-            sig.update({k: "*fp32" for k in ("pf_ptr", "pb_ptr", "act_ptr", "fg_part_ptr", "bg_part_ptr")})
-            sig.update({"C": "i32", "HW": "i32", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
+            sig = {k: "*fp32" for k in ("pix_s_ptr", "pix_t_ptr", "ch_s_ptr", "ch_t_ptr")}
+            sig.update(_slots(sty, tty, grad=False))
+            out.append(("_fgd_stats_kernel", sig, {"BLOCK_C": BLOCK_C_STATS, "BLOCK_HW": BLOCK_HW_STATS, "CL": cl},
+                        NUM_WARPS))
             const = {"BLOCK_C": TILES[cl][0], "BLOCK_HW": TILES[cl][1], "CL": cl}
+            sig = {k: "*fp32" for k in ("pf_ptr", "pb_ptr", "act_ptr", "fg_part_ptr", "bg_part_ptr")}
+            sig.update(_slots(sty, tty, grad=False))
             out.append(("_fgd_focal_kernel", sig, const, NUM_WARPS))
-            sig = {"s_ptr": sty, "t_ptr": tty, "g_ptr": sty}
-            sig.update({k: "*fp32" for k in ("f_ptr", "ga_ptr", "act_ptr", "gb_ptr")})
-            sig.update({"C": "i32", "HW": "i32", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
+            sig = {k: "*fp32" for k in ("f_ptr", "ga_ptr", "act_ptr", "gb_ptr")}
+            sig.update(_slots(sty, tty, grad=True))
             out.append(("_fgd_backward_kernel", sig, const, NUM_WARPS))
     return out
 

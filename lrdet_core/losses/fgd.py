@@ -1,6 +1,7 @@
 """Focal and global distillation (FGD): box-aware feature imitation plus a learnable relation term."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -105,13 +106,47 @@ def fgd_masks(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], stride: flo
     Reference:
         Yang et al., "Focal and global knowledge distillation for detectors", CVPR 2022, Eq. (2)-(3).
     """
+    (fg, bg), = fgd_masks_levels(boxes, canvas_size, [stride], [feat_hw], device=device)
+    return fg, bg
+
+
+def fgd_masks_levels(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], strides: Sequence[float],
+                     feat_hws: Sequence[Tuple[int, int]], device: Optional[torch.device] = None,
+                     ) -> List[Tuple[Tensor, Tensor]]:
+    r"""The masks of :func:`fgd_masks` for every level at once, one ``(fg, bg)`` pair per level.
+
+    Same rules, one vectorised computation: the cells of all levels go in one flat grid, each
+    cell tagged with its level, row and column, and every box is tested against every cell of
+    that grid (a per-level loop cost ~60 small kernel launches per level on a GPU).
+
+    Args:
+        boxes: one ``(K_i, 4)`` ``xyxy`` tensor per image, in canvas (HR) pixels; ``K_i`` may be 0.
+        canvas_size: the padded canvas ``(H, W)`` in pixels.
+        strides: each level's stride in pixels.
+        feat_hws: each level's ``(H, W)`` in cells, same length as ``strides``.
+        device: where to build the masks (default: the boxes' device).
+
+    Shape:
+        - output: per level, two fp32 :math:`(N, H_l, W_l)` tensors ``(fg, bg)``.
+
+    Example:
+        >>> masks = fgd_masks_levels([torch.tensor([[0.0, 0.0, 8.0, 8.0]])], (32, 32), [8, 16], [(4, 4), (2, 2)])
+        >>> masks[1][0][0]
+        tensor([[0.2500, 0.2500],
+                [0.2500, 0.2500]])
+    """
+    if len(strides) != len(feat_hws):
+        raise LossError(f"expected one stride per level ({len(feat_hws)} levels), but got {list(strides)}")
     n = len(boxes)
-    h, w = int(feat_hw[0]), int(feat_hw[1])
+    hws = [(int(h), int(w)) for h, w in feat_hws]
+    sizes = [h * w for h, w in hws]
     canvas_h, canvas_w = float(canvas_size[0]), float(canvas_size[1])
     if device is None:
         device = boxes[0].device if n else torch.device("cpu")
     k = max((int(b.shape[0]) for b in boxes), default=0)
-    fg = torch.zeros(n, h, w, device=device)
+    packed, lengths = _cell_tables(tuple(hws))
+    # One host-to-device copy for all seven tables (split below into views).
+    row_level, row_pos, col_level, col_pos, cell_row, cell_col, cell_level = packed.to(device).split(lengths)
     if k:
         # float64 box arithmetic: floor/ceil at exact cell edges must not depend on fp32 rounding.
         padded = torch.full((n * k, 4), float("nan"), dtype=torch.float64, device=device)
@@ -124,22 +159,47 @@ def fgd_masks(boxes: Sequence[Tensor], canvas_size: Tuple[int, int], stride: flo
         valid = (torch.isfinite(padded).all(dim=-1) & (x2 >= x1) & (y2 >= y1)
                  & (x1 <= canvas_w) & (y1 <= canvas_h) & (x2 >= 0) & (y2 >= 0))
         padded = torch.where(valid[..., None], padded, 0.0)  # keeps NaN/inf out of the weight
-        x1, y1, x2, y2 = padded.unbind(dim=-1)
-        # Cell ranges and the weight before any clamping (the authors' rule): the rows/cols
-        # tests below only fill the cells that exist.
-        wmin, wmax = torch.floor(x1 / stride), torch.ceil(x2 / stride)
-        hmin, hmax = torch.floor(y1 / stride), torch.ceil(y2 / stride)
-        value = torch.where(valid, 1.0 / ((hmax + 1 - hmin) * (wmax + 1 - wmin)), 0.0).float()
-        rows = torch.arange(h, device=device, dtype=torch.float64)
-        cols = torch.arange(w, device=device, dtype=torch.float64)
-        in_rows = (rows >= hmin[..., None]) & (rows <= hmax[..., None])  # N x K x H
-        in_cols = (cols >= wmin[..., None]) & (cols <= wmax[..., None])  # N x K x W
-        cover = in_rows[..., :, None] & in_cols[..., None, :]  # N x K x H x W
-        fg = torch.where(cover, value[..., None, None], 0.0).amax(dim=1)
-    empty = fg == 0
-    bg = empty.float() / empty.sum(dim=(1, 2), keepdim=True).clamp_min(1)
-    return fg, bg
+        # Cell ranges of every box on every level (N x K x 2 x L, axis 2 = x, y) and the weight
+        # before any clamping (the authors' rule): the cover test below only fills the cells that exist.
+        scaled = padded[..., None] / torch.tensor([float(s) for s in strides], dtype=torch.float64, device=device)
+        lo, hi = torch.floor(scaled[:, :, :2]), torch.ceil(scaled[:, :, 2:])  # (wmin, hmin), (wmax, hmax)
+        value = torch.where(valid[..., None], 1.0 / (hi + 1 - lo).prod(dim=2), 0.0).float()  # N x K x L
+        # Rows and columns of all levels side by side (N x K x sum H, N x K x sum W), each
+        # tested against its own level's range; a cell is covered when its row and column are.
+        in_rows = (row_pos >= lo[:, :, 1, row_level]) & (row_pos <= hi[:, :, 1, row_level])
+        in_cols = (col_pos >= lo[:, :, 0, col_level]) & (col_pos <= hi[:, :, 0, col_level])
+        cover = in_rows[..., cell_row] & in_cols[..., cell_col]  # N x K x sum HW
+        fg = torch.where(cover, value[..., cell_level], 0.0).amax(dim=1)
+    else:
+        fg = torch.zeros(n, int(sum(sizes)), device=device)
+    empty = (fg == 0).float()
+    # Background cells counted per image and level.
+    count = torch.zeros(n, len(sizes), device=device).index_add_(1, cell_level, empty)
+    bg = empty / count[:, cell_level].clamp_min(1)
+    return [(f.reshape(n, h, w), b.reshape(n, h, w))
+            for f, b, (h, w) in zip(fg.split(sizes, dim=1), bg.split(sizes, dim=1), hws)]
 
+
+@functools.lru_cache(maxsize=32)
+def _cell_tables(hws: Tuple[Tuple[int, int], ...]) -> Tuple[Tensor, Tuple[int, ...]]:
+    """Host index tables of a pyramid's flat grids, packed in one int64 tensor, and their lengths.
+
+    In order: the rows of all levels side by side (each row's level, its position in its level),
+    the same for columns, and per cell (levels one after the other, row-major) its index into
+    those rows and columns and its level.
+    """
+    # Plain Python: built once per pyramid (cached) without a torch op; one tensor at the end.
+    row_level = [lvl for lvl, (h, _) in enumerate(hws) for _ in range(h)]
+    row_pos = [r for h, _ in hws for r in range(h)]
+    col_level = [lvl for lvl, (_, w) in enumerate(hws) for _ in range(w)]
+    col_pos = [c for _, w in hws for c in range(w)]
+    row_start = [sum(h for h, _ in hws[:lvl]) for lvl in range(len(hws))]
+    col_start = [sum(w for _, w in hws[:lvl]) for lvl in range(len(hws))]
+    cell_row = [r0 + r for r0, (h, w) in zip(row_start, hws) for r in range(h) for _ in range(w)]
+    cell_col = [c0 + c for c0, (h, w) in zip(col_start, hws) for _ in range(h) for c in range(w)]
+    cell_level = [lvl for lvl, (h, w) in enumerate(hws) for _ in range(h * w)]
+    tables = (row_level, row_pos, col_level, col_pos, cell_row, cell_col, cell_level)
+    return torch.tensor([i for t in tables for i in t], dtype=torch.long), tuple(len(t) for t in tables)
 
 # ------------------------------------------------------------------------------ GcBlock
 
@@ -438,24 +498,45 @@ class FGDLoss(nn.Module):
                             f"{s_list[0].device}; move the loss with .to(device)")
         return s_list, t_list, resolve_backend(self.backend, s_list[0], "fgd")
 
-    def _masks(self, ctx, i: int, s: Tensor) -> Tuple[Tensor, Tensor]:
-        return fgd_masks(ctx.boxes, ctx.canvas_size, ctx.strides[i], tuple(s.shape[-2:]), device=s.device)
+    def _masks(self, ctx, s_list: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+        # All levels in one vectorised computation (see fgd_masks_levels).
+        return fgd_masks_levels(ctx.boxes, ctx.canvas_size, list(ctx.strides), [tuple(s.shape[-2:]) for s in s_list],
+                                device=s_list[0].device)
 
     def terms(self, student: Levels, teacher: Levels, ctx=None) -> Dict[str, Tensor]:
         """The four unweighted terms (``fg``, ``bg``, ``att``, ``glb``), each summed over levels."""
         s_list, t_list, backend = self._prepare(student, teacher, ctx)
+        masks = self._masks(ctx, s_list)
+        if backend == "triton":
+            l_fg, l_bg, l_att = self._focal_triton(s_list, t_list, masks, (1.0, 1.0, 1.0))
+            return {"fg": l_fg, "bg": l_bg, "att": l_att, "glb": self._global(s_list, t_list)}
         total: Dict[str, Tensor] = {}
-        for i, (s, t) in enumerate(zip(s_list, t_list)):
-            fg, bg = self._masks(ctx, i, s)
+        for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, masks)):
             level = fgd_terms(s, t, fg, bg, self.gc_student[i], self.gc_teacher[i], self.temp, backend)
             total = level if not total else {k: total[k] + v for k, v in level.items()}
         return total
 
+    def _focal_triton(self, s_list: List[Tensor], t_list: List[Tensor], masks: List[Tuple[Tensor, Tensor]],
+                      weights: Tuple[float, float, float]) -> Tuple[Tensor, Tensor, Tensor]:
+        # All levels in each kernel launch (one stats, one focal, one sum forward; one backward).
+        pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
+        kernel = load_kernel("fgd", "fgd_levels_triton")
+        return kernel([s for s, _ in pairs], [t for _, t in pairs], [fg for fg, _ in masks], [bg for _, bg in masks],
+                      self.temp, weights=weights)
+
+    def _global(self, s_list: List[Tensor], t_list: List[Tensor]) -> Tensor:
+        terms = [fgd_global(s, t, self.gc_student[i], self.gc_teacher[i])
+                 for i, (s, t) in enumerate(zip(s_list, t_list))]
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+
     def forward(self, student: Levels, teacher: Levels, ctx=None) -> Tensor:
         s_list, t_list, backend = self._prepare(student, teacher, ctx)
+        masks = self._masks(ctx, s_list)
+        if backend == "triton":
+            l_fg, l_bg, l_att = self._focal_triton(s_list, t_list, masks, (self.alpha, self.beta, self.gamma))
+            return l_fg + l_bg + l_att + self.lam * self._global(s_list, t_list)
         total: Optional[Tensor] = None
-        for i, (s, t) in enumerate(zip(s_list, t_list)):
-            fg, bg = self._masks(ctx, i, s)
+        for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, masks)):
             level = fgd(s, t, fg, bg, self.gc_student[i], self.gc_teacher[i], self.temp,
                         self.alpha, self.beta, self.gamma, self.lam, backend)
             total = level if total is None else total + level
