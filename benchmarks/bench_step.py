@@ -100,15 +100,18 @@ def run_one(args) -> dict:
         result["step"] = timed(step, dev, args.warmup, args.repeats)
 
         # Parts, each timed on its own with the same inputs.
-        lr = d._student_pass(images, targets)
-        hr = d._teacher_pass("teacher", teacher, images, targets, None, None, lr)
-        result["teacher_to_neck"] = timed(lambda: d._teacher_pass("teacher", teacher, images, targets, None, None, lr),
-                                          dev, args.warmup, args.repeats)
-        result["student_lr_forward"] = timed(lambda: d._student_pass(images, targets), dev, args.warmup, args.repeats)
-        result["bridge_forward"] = timed(lambda: d._bridge_pass(images, targets, lr, hr), dev, args.warmup,
-                                         args.repeats)
-        bridge_neck = d._bridge_pass(images, targets, lr, hr)[1]
-        result["distill_loss"] = timed(lambda: d._distill("teacher", bridge_neck, hr), dev, args.warmup, args.repeats)
+        s_ad, t_ad = d.adapter, d.teacher_adapters["teacher"]
+        lr = s_ad.student_pass(images, targets, keep_neck=False)
+        view = t_ad.hr_view(images, targets, None, None, lr, hr_source=d.hr_source, hr_scale=None)
+        hr = t_ad.teacher_pass(view)
+        result["teacher_to_neck"] = timed(lambda: t_ad.teacher_pass(view), dev, args.warmup, args.repeats)
+        result["student_lr_forward"] = timed(lambda: s_ad.student_pass(images, targets, keep_neck=False), dev,
+                                             args.warmup, args.repeats)
+        result["bridge_forward"] = timed(lambda: s_ad.bridge_pass(images, targets, hr, d._replay(lr, hr)), dev,
+                                         args.warmup, args.repeats)
+        bridge_neck = s_ad.bridge_pass(images, targets, hr, d._replay(lr, hr))[1]
+        result["distill_loss"] = timed(lambda: d._distill("teacher", bridge_neck, hr, late=False), dev, args.warmup,
+                                       args.repeats)
 
         def backward_only():
             loss = sum(d(images, targets).values())

@@ -7,11 +7,14 @@ output cell is mapped back through its own image's scale, so content lands where
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .levels import Level, LevelSize
 
 Size = Tuple[int, int]
 
@@ -56,3 +59,63 @@ def resample_to_hr(feat: Tensor, lr_canvas: Size, hr_canvas: Size, out_hw: Size,
     gx = (2 * ux / w - 1)[:, None, :].expand(n, oh, ow)
     grid = torch.stack([gx, gy], dim=-1).to(feat.dtype)
     return F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def bridge_sizes(student: Sequence[Level], teacher: Sequence[LevelSize]) -> List[Optional[Size]]:
+    """The HR size of each student backbone level in the bridge: the teacher's backbone level at its stride.
+
+    Chosen per level, not per stride: where several levels share a stride (MobileNetV3), the teacher's level
+    of the same name, else the one in the same place among that stride's levels. ``None`` where the teacher
+    has no backbone level at that stride.
+
+    Example:
+        >>> import torch
+        >>> s = [Level("0", 8, torch.zeros(1, 1, 4, 4)), Level("1", 16, torch.zeros(1, 1, 2, 2))]
+        >>> bridge_sizes(s, [LevelSize("a", 8, (8, 8))])
+        [(8, 8), None]
+    """
+    at: Dict[int, List[LevelSize]] = {}
+    for lv in teacher:
+        at.setdefault(lv.stride, []).append(lv)
+    seen: Dict[int, int] = {}
+    sizes: List[Optional[Size]] = []
+    for lv in student:
+        i = seen[lv.stride] = seen.get(lv.stride, -1) + 1
+        cands = at.get(lv.stride, [])
+        same = [c for c in cands if c.key == lv.key]
+        pick = same[0] if same else (cands[min(i, len(cands) - 1)] if cands else None)
+        sizes.append(None if pick is None else tuple(pick.size))
+    return sizes
+
+
+def resample_levels(levels: Sequence[Level], sizes: Sequence[Optional[Size]], lr_canvas: Size, hr_canvas: Size,
+                    lr_sizes: Sequence[Size], hr_sizes: Sequence[Size]) -> List[Tensor]:
+    """Each LR level resampled onto the HR canvas at its size (``None``: the LR level's scale, rounded up).
+
+    The result never is a recorded tensor itself: an in-place op downstream would rewrite it (and a tensor
+    autograd saved in the LR pass), so same-geometry levels come back as copies.
+    """
+    out = []
+    for lv, size in zip(levels, sizes):
+        t = lv.tensor
+        if size is None:
+            s_lr = lr_canvas[0] / t.shape[-2], lr_canvas[1] / t.shape[-1]
+            size = (math.ceil(hr_canvas[0] / s_lr[0] - 1e-6), math.ceil(hr_canvas[1] / s_lr[1] - 1e-6))
+        r = resample_to_hr(t, lr_canvas, hr_canvas, size, lr_sizes, hr_sizes)
+        out.append(r.clone() if r is t else r)
+    return out
+
+
+def upsample_to_teacher(student: Sequence[Level], teacher: Sequence[Level], level_map: Dict[str, str],
+                        lr_canvas: Size, hr_canvas: Size, lr_sizes: Sequence[Size], hr_sizes: Sequence[Size]
+                        ) -> List[Tensor]:
+    """Table 1's conventional alignment (no bridge): each LR neck level resampled onto the grid of its teacher
+    level (the one ``level_map`` names, else the first at its stride; none: the LR level's own size)."""
+    by_key = {lv.key: lv for lv in teacher}
+    at = {lv.stride: lv for lv in reversed(list(teacher))}  # the first level at each stride
+    out = []
+    for lv in student:
+        target = by_key.get(level_map[lv.key]) if lv.key in level_map else at.get(lv.stride)
+        size = tuple(target.tensor.shape[-2:]) if target is not None else tuple(lv.tensor.shape[-2:])
+        out.append(resample_to_hr(lv.tensor, lr_canvas, hr_canvas, size, lr_sizes, hr_sizes))
+    return out

@@ -49,6 +49,11 @@ class DistillContext:
         return cls(boxes=list(boxes), image_sizes=[tuple(canvas_size)] * n, canvas_size=tuple(canvas_size),
                    strides=list(strides), level_names=[f"s{s}" for s in strides])
 
+    def only(self, i: int) -> "DistillContext":
+        """The context of level ``i`` alone (to find the level at which a loss is not finite)."""
+        return DistillContext(boxes=self.boxes, image_sizes=self.image_sizes, canvas_size=self.canvas_size,
+                              strides=[self.strides[i]], level_names=[self.level_names[i]])
+
 
 def level_stride(canvas_hw: Sequence[int], feat_hw: Sequence[int]) -> int:
     """The stride of a feature map on a canvas, read off the axis with more cells (less rounding)."""

@@ -7,7 +7,7 @@ at stride 32. Those are paired by name when both sides have the same names at th
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
@@ -23,6 +23,14 @@ class Level(NamedTuple):
     key: str
     stride: int
     tensor: Tensor
+
+
+class LevelSize(NamedTuple):
+    """A teacher backbone level as the bridge needs it: name, stride and HR size (not the map: memory)."""
+
+    key: str
+    stride: int
+    size: Tuple[int, int]
 
 
 class LevelPair(NamedTuple):

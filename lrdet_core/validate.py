@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -246,3 +246,78 @@ def _check_labels(labels: Any, k: int, where: str) -> None:
                else type(labels).__name__)
         raise InputError(f"expected {where} to be an int64 tensor of shape ({k},), one class index per box, but "
                          f"got {got}; e.g. torch.as_tensor(labels, dtype=torch.int64)")
+
+
+# --- the teachers -------------------------------------------------------------------------------------------
+#: The internal name of a lone teacher; its loss keys carry no teacher name.
+SINGLE = "teacher"
+
+
+def who(tname: str) -> str:
+    """How a teacher is named in messages."""
+    return "teacher" if tname == SINGLE else f"teacher {tname!r}"
+
+
+def as_teacher_dict(teacher: Any) -> Dict[str, nn.Module]:
+    """One teacher, a list (names ``t0, t1, ...``) or a dict of them, as ``{name: teacher}``."""
+    if isinstance(teacher, nn.Module):
+        teachers = {SINGLE: teacher}
+    elif isinstance(teacher, Mapping):
+        teachers = dict(teacher)
+    elif isinstance(teacher, (list, tuple)):
+        teachers = {f"t{i}": t for i, t in enumerate(teacher)}
+    else:
+        raise InputError(f"expected the teacher to be an nn.Module, a list or a dict of them, "
+                         f"but got {type(teacher).__name__}")
+    if not teachers:
+        raise InputError("expected at least one teacher, but got an empty collection")
+    if len(teachers) > 1 and SINGLE in teachers:
+        raise InputError(f"the name {SINGLE!r} is reserved for a lone teacher; name the teachers otherwise, "
+                         f"got {list(teachers)}")
+    for n, t in teachers.items():
+        if not isinstance(t, nn.Module):
+            raise InputError(f"expected teacher {n!r} to be an nn.Module, but got {type(t).__name__}")
+        if not isinstance(n, str) or "." in n or "/" in n:
+            raise InputError(f"expected teacher names to be strings without '.' or '/', but got {n!r}")
+    return teachers
+
+
+def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise InputError(f"expected {name} to be {' or '.join(repr(c) for c in choices)}, but got {value!r}")
+
+
+# --- results of a step --------------------------------------------------------------------------------------
+def check_terms_finite(out: Mapping[str, Tensor], skip: Any, mode: str) -> None:
+    """``check_finite`` for the detection terms (the distillation terms are checked per level on their own)."""
+    keys = [k for k, v in out.items() if k not in skip and isinstance(v, Tensor)]
+    if mode == "off" or not keys:
+        return
+    finite = torch.stack([torch.isfinite(out[k].detach()).all() for k in keys])
+    if bool(finite.all()):  # one device sync for all terms
+        return
+    bad = [f"{k!r} = {out[k].detach().float().mean().item()}" for k, ok in zip(keys, finite.tolist()) if not ok]
+    _report(mode, f"expected every loss term to be finite, but {', '.join(bad)}; the LR and bridge terms are the "
+                  f"student's own detection losses on this batch (check its learning rate and the batch's boxes)")
+
+
+def check_distill_value(value: Any, key: str, mode: str, per_level: Callable[[], List[str]]) -> None:
+    """A distillation loss returned a scalar tensor, finite unless ``mode`` says otherwise.
+
+    Args:
+        per_level: the levels at which the loss alone is not finite (run only when the sum is not).
+    """
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        raise InputError(f"expected the distillation loss to return a scalar tensor, but it returned "
+                         f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+    if mode != "off" and not bool(torch.isfinite(value)):
+        bad = per_level()
+        _report(mode, f"the distillation term {key!r} is {value.item()}; non-finite at level(s) "
+                      f"{', '.join(bad) or 'unknown (only in the sum)'}")
+
+
+def _report(mode: str, msg: str) -> None:
+    if mode == "raise":
+        raise NonFiniteError(msg)
+    warnings.warn("LRDet: " + msg, stacklevel=4)

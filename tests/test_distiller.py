@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lrdet_core.distiller as distiller_mod
+import lrdet_core.align as align_mod
 from lrdet_core import (BridgeDistiller, InputError, LevelMatchError, SplitPointError, SplitPoints, inherit_weights,
                         resample_to_hr)
 from reference import ref_cwd, ref_l1, ref_mse
@@ -101,8 +101,8 @@ def test_distiller_aligns_with_each_images_own_sizes(monkeypatch, multiscale):
         student.transform.min_size, student.transform.max_size = (64, 80, 96), 200
     teacher = _seeded(retinanet, seed=1, size=192)
     calls = []
-    real = distiller_mod.resample_to_hr
-    monkeypatch.setattr(distiller_mod, "resample_to_hr", lambda *a: calls.append(a) or real(*a))
+    real = align_mod.resample_to_hr
+    monkeypatch.setattr(align_mod, "resample_to_hr", lambda *a: calls.append(a) or real(*a))
     d = BridgeDistiller(student, teacher).train()
     images, targets = batch(sizes=((100, 150), (150, 100)))
     lr_sizes = []
@@ -396,12 +396,12 @@ def test_custom_model_with_explicit_hr_view_and_inplace_ops_after_the_split_poin
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]])}] * 2
     hr = F.interpolate(images, scale_factor=2.0, mode="bilinear")
     recorded = []
-    real = distiller_mod.resample_to_hr
-    distiller_mod.resample_to_hr = lambda f, *a: recorded.append(f.detach().clone()) or real(f, *a)
+    real = align_mod.resample_to_hr
+    align_mod.resample_to_hr = lambda f, *a: recorded.append(f.detach().clone()) or real(f, *a)
     try:
         out = d(images, targets, hr_images=hr, hr_targets=[{"boxes": t["boxes"] * 2} for t in targets])
     finally:
-        distiller_mod.resample_to_hr = real
+        align_mod.resample_to_hr = real
     with torch.no_grad():
         genuine = student.backbone(images)
     assert all(torch.equal(r, g) for r, g in zip(recorded, genuine))  # the in-place ReLU did not reach them

@@ -231,7 +231,7 @@ def test_mobilenet_v3_fpn_detectors_train_as_student_and_teacher(mobilenets, stu
     teacher.transform.min_size, teacher.transform.max_size = (128,), 128
     rec = _Recorder()
     d = BridgeDistiller(student, teacher, loss=rec, alpha=1.0, bridge_rois=32).train()
-    assert d._level_strides["student"] == {"0": 32, "1": 32, "pool": 64}
+    assert d.adapter.known_strides["neck"] == {"0": 32, "1": 32, "pool": 64}
     out = d(*batch(((100, 150), (150, 100))))
     call = rec.calls[-1]
     assert call["ctx"].level_names == ["0", "1", "pool"] and call["ctx"].strides == [32, 32, 64]
