@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -92,3 +92,34 @@ def check_balance(out: Mapping[str, Tensor], alpha: float) -> None:
                           f"them equal; a distillation term within ~0.1-10x of the detection loss is the usual "
                           f"regime. Set alpha explicitly to silence this, or alpha='auto' to measure it at the "
                           f"first step.", stacklevel=6)  # the user's call
+
+
+def step_alphas(auto_alpha: Tensor, out: Mapping[str, Tensor], distill: Mapping[str, Tensor], ratio: float,
+                keys: Sequence[str], measure: bool) -> List[float]:
+    """``alpha="auto"``: each teacher's weight at this step, measured into the buffer ``auto_alpha`` (NaN where
+    not yet measured) when ``measure`` is set; a term still unmeasured is weighted by 0.
+
+    The buffer is read every time (no cached copy): loading a checkpoint or DDP's buffer broadcast may change it.
+    """
+    alphas = auto_alpha.tolist()
+    if any(math.isnan(a) for a in alphas) and measure:
+        det = sum((v.detach() for k, v in out.items() if k.startswith("lr/")), torch.zeros(()))
+        new, terms = auto_alphas(det, list(distill.values()), ratio)
+        for i, a in enumerate(new):
+            if math.isnan(alphas[i]) and a is not None:
+                auto_alpha[i] = a
+        alphas = auto_alpha.tolist()
+        report_auto_alpha(keys, alphas, terms, ratio)
+    return [0.0 if math.isnan(a) else a for a in alphas]
+
+
+def auto_alpha_from_state_dict(state_dict: Dict[str, Any], key: str, alpha: Any, buffer: Optional[Tensor]) -> None:
+    """Loading a checkpoint: one without ``auto_alpha`` into an ``alpha="auto"`` distiller measures at the next
+    step; one with it into a numeric-alpha distiller keeps the numeric alpha (with a warning)."""
+    if alpha == "auto" and key not in state_dict:
+        state_dict[key] = torch.full_like(buffer, math.nan)
+    elif alpha != "auto" and key in state_dict:
+        warnings.warn(f"LRDet: the checkpoint holds alpha='auto' values {state_dict[key].tolist()}, but this "
+                      f"distiller has alpha={alpha:g}, which is used; build it with alpha='auto' to "
+                      f"resume with the measured values", stacklevel=5)
+        del state_dict[key]

@@ -14,7 +14,6 @@ only orchestrates them. Nothing in the user's model is rewritten.
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -23,42 +22,24 @@ import torch
 from torch import Tensor, nn
 
 from . import validate
-from .adapters import Adapter, PassRecord, SplitPoints, adapter_for, family_of, torchvision_family
+from .adapters import Adapter, PassRecord, SplitPoints, adapter_for, check_one_family, family_of, torchvision_family
 from .adapters.base import Replay
 from .align import bridge_sizes, resample_levels, upsample_to_teacher
-from .balance import auto_alphas, check_balance, report_auto_alpha
+from .balance import auto_alpha_from_state_dict, check_balance, step_alphas
 from .context import DistillContext
 from .errors import InputError
 from .inherit import InheritReport, inherit_weights
-from .levels import LevelMap, LevelPair, normalize_level_map, pair_levels, unpaired_strides
-from .losses import RECOMMENDED_ALPHA, build_loss
+from .levels import LevelMap, LevelPair, normalize_level_map, pair_levels, warn_unpaired
+from .losses import RECOMMENDED_ALPHA
 from .losses import loss_name as canonical_loss_name
 from .projectors import Projectors, check_late_creation
 from .recording import Feats
+from .teacher_losses import LossSpec, build_teacher_losses, loss_key
 from .validate import who as _who
 
-LossSpec = Union[str, nn.Module, Callable[..., Tensor]]
-
-_FGD_PRESET_OF = {"RetinaNet": "retinanet", "FCOS": "fcos", "GeneralizedRCNN": "rcnn"}
-
-
-def _loss_key(loss: Any) -> str:
-    """The ``distill/<name>`` of a loss: its name, or its class's or function's name in lower case."""
-    if isinstance(loss, str):
-        return loss
-    name = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", "")
-    return name.lower() if name.isidentifier() else "custom"
-
-
-class _FunctionLoss(nn.Module):
-    """A plain callable loss, held in the same ``ModuleDict`` as the module losses."""
-
-    def __init__(self, fn: Callable[..., Tensor]):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, student: List[Tensor], teacher: List[Tensor], ctx: DistillContext) -> Tensor:
-        return self.fn(student, teacher, ctx)
+def _key(kind: str, tname: str, name: str) -> str:
+    """A loss key: ``kind/name``, with the teacher's name where there are several (``bridge.t1/cls``)."""
+    return f"{kind}/{name}" if tname == validate.SINGLE else f"{kind}.{tname}/{name}"
 
 
 class BridgeDistiller(nn.Module):
@@ -133,18 +114,11 @@ class BridgeDistiller(nn.Module):
                  alpha_ratio: Optional[float] = None, level_map: Optional[LevelMap] = None,
                  hr_det_weight: float = 1.0):
         super().__init__()
-        if not isinstance(student, nn.Module):
-            raise InputError(f"expected the student to be an nn.Module, but got {type(student).__name__}")
-        self.student = student
         teachers = validate.as_teacher_dict(teacher)
-        if any(t is student for t in teachers.values()):
-            raise InputError("the teacher must be a separate model from the student (it is frozen)")
-        validate.check_not_shared(student, teachers, {n: _who(n) for n in teachers})  # before anything is frozen
-        validate.check_choice("hr_source", hr_source, ("teacher", "lr"))
-        validate.check_choice("check_finite", check_finite, ("raise", "warn", "off"))
-        validate.check_alpha(alpha, alpha_ratio)
-        validate.check_bridge_rois(bridge_rois, torchvision_family(student))
-        validate.check_hr_det_weight(hr_det_weight)
+        validate.check_options(student, teachers, hr_source=hr_source, check_finite=check_finite, alpha=alpha,
+                               alpha_ratio=alpha_ratio, bridge_rois=bridge_rois, hr_det_weight=hr_det_weight,
+                               family=torchvision_family(student))
+        self.student = student
         if isinstance(loss, str):
             loss = canonical_loss_name(loss)  # once: alpha, the FGD preset and the loss key all use this name
         self._level_map = normalize_level_map(level_map, list(teachers), {n: _who(n) for n in teachers})
@@ -154,11 +128,7 @@ class BridgeDistiller(nn.Module):
         self.teacher_adapters: Dict[str, Adapter] = {
             n: adapter_for(t, teacher_split_points or (split_points if family_of(t) == "custom" else None), _who(n))
             for n, t in teachers.items()}
-        families = {n: family_of(t) for n, t in teachers.items()}
-        if any(f != family_of(student) for f in families.values()):
-            raise InputError(f"expected the student and the teacher(s) to be of one family (torchvision detectors, "
-                             f"Ultralytics YOLO models or custom models), because the HR view is built differently "
-                             f"for each; got a {family_of(student)} student and {families}")
+        check_one_family(student, teachers)
         validate.check_hr_scale(hr_scale, self.adapter.builds_hr_view)
         self.bridge, self.hr_source, self.hr_scale = bridge, hr_source, hr_scale
         self.hr_det_weight = float(hr_det_weight)
@@ -173,7 +143,8 @@ class BridgeDistiller(nn.Module):
             t.eval()
         object.__setattr__(self, "_teachers", teachers)
 
-        self.loss_name = _loss_key(loss)
+        self.loss_name = loss_key(loss)
+        self._dkeys = {n: _key("distill", n, self.loss_name) for n in teachers}  # the distill/<loss> keys
         self._balance_checked = alpha is not None  # a user-chosen alpha is not second-guessed
         if alpha is None:
             alpha = RECOMMENDED_ALPHA.get(loss, 1.0) if isinstance(loss, str) else 1.0
@@ -183,7 +154,7 @@ class BridgeDistiller(nn.Module):
             # NaN until measured; a buffer, so that a resumed run restores it instead of measuring again.
             self.register_buffer("auto_alpha", torch.full((len(teachers),), math.nan, dtype=torch.float64))
         self._register_load_state_dict_pre_hook(self._auto_alpha_from_state_dict)
-        self.losses = nn.ModuleDict(self._build_losses(loss, dict(loss_kwargs or {}), list(teachers)))
+        self.losses = build_teacher_losses(loss, dict(loss_kwargs or {}), list(teachers), torchvision_family(student))
         self.projectors = Projectors()  # 1x1 convs for levels whose channel counts differ
         self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
         self._reported: set = set()
@@ -194,20 +165,6 @@ class BridgeDistiller(nn.Module):
             self.inherit_report = inherit_weights(student, next(iter(teachers.values())))
         self._build_from_probe()
 
-    def _build_losses(self, loss: LossSpec, kwargs: Dict[str, Any], names: List[str]) -> Dict[str, nn.Module]:
-        family = torchvision_family(self.student)
-        if loss == "fgd" and "preset" not in kwargs and family in _FGD_PRESET_OF:
-            kwargs["preset"] = _FGD_PRESET_OF[family]  # FGD's weights were tuned per detector family
-        if kwargs and not isinstance(loss, str):
-            raise InputError(f"loss_kwargs are for a loss given by name, but the loss is a {type(loss).__name__}")
-        out = {}
-        for i, n in enumerate(names):  # each teacher gets its own instance
-            fn = build_loss(loss, **kwargs) if (isinstance(loss, str) or i == 0) else (
-                copy.deepcopy(loss) if isinstance(loss, nn.Module) else loss)
-            out[n] = fn if isinstance(fn, nn.Module) else _FunctionLoss(fn)
-        return out
-
-    # ---------------------------------------------------------------------------------------------
     @property
     def teachers(self) -> Dict[str, nn.Module]:
         """The frozen teacher(s) by name (``"teacher"`` for a single one)."""
@@ -243,16 +200,7 @@ class BridgeDistiller(nn.Module):
         return {n: (None if math.isnan(a) else a) for n, a in zip(self._teachers, self.auto_alpha.tolist())}
 
     def _auto_alpha_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        key = f"{prefix}auto_alpha"
-        if self.alpha == "auto" and key not in state_dict:
-            # A checkpoint of a distiller with a numeric alpha: nothing was measured, so alpha is measured at
-            # the next training step.
-            state_dict[key] = torch.full_like(self.auto_alpha, math.nan)
-        elif self.alpha != "auto" and key in state_dict:
-            warnings.warn(f"LRDet: the checkpoint holds alpha='auto' values {state_dict[key].tolist()}, but this "
-                          f"distiller has alpha={self.alpha:g}, which is used; build it with alpha='auto' to "
-                          f"resume with the measured values", stacklevel=4)
-            del state_dict[key]
+        auto_alpha_from_state_dict(state_dict, f"{prefix}auto_alpha", self.alpha, self._buffers.get("auto_alpha"))
 
     def _projectors_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.projectors.from_state_dict(state_dict, f"{prefix}projectors.", next(self.student.parameters(), None))
@@ -283,10 +231,6 @@ class BridgeDistiller(nn.Module):
         """The plain student's ``state_dict``, loadable into a fresh model of the student's class."""
         return self.student.state_dict()
 
-    def _key(self, kind: str, tname: str, name: str) -> str:
-        return f"{kind}/{name}" if tname == validate.SINGLE else f"{kind}.{tname}/{name}"
-
-    # ---------------------------------------------------------------------------------------------
     def forward(self, images: Any, targets: Optional[List[Dict[str, Tensor]]] = None, *,
                 hr_images: Any = None, hr_targets: Optional[List[Dict[str, Tensor]]] = None) -> Any:
         """Training: the dict of LRDet losses. Eval: the student's own predictions on ``images``.
@@ -322,70 +266,35 @@ class BridgeDistiller(nn.Module):
                 bridge_losses, s_feats = self.adapter.bridge_pass(images, targets, hr, self._replay(lr, hr),
                                                                   self.bridge_rois)
                 w = self.hr_det_weight
-                out.update({self._key("bridge", tname, k): v if w == 1.0 else w * v for k, v in bridge_losses.items()})
+                out.update({_key("bridge", tname, k): v if w == 1.0 else w * v for k, v in bridge_losses.items()})
             else:  # Table 1's conventional alignment: the LR neck resampled onto the teacher's grid
                 s_levels = self.adapter.levels("neck", lr.neck, lr.canvas)
                 t_levels = ad.levels("neck", hr.neck, hr.canvas)
                 s_feats = lr.neck.replaced(upsample_to_teacher(s_levels, t_levels, self._level_map.get(tname, {}),
                                                                lr.canvas, hr.canvas, lr.sizes, hr.sizes))
-            key = self._key("distill", tname, self.loss_name)
-            distill[tname] = out[key] = self._distill(tname, s_feats, hr, late=training_step)
-        validate.check_terms_finite(out, {self._key("distill", t, self.loss_name) for t in distill}, self.check_finite)
-        for tname, alpha in zip(distill, self._step_alphas(out, distill, measure=training_step)):
-            out[self._key("distill", tname, self.loss_name)] = alpha * distill[tname]
+            distill[tname] = out[self._dkeys[tname]] = self._distill(tname, s_feats, hr, late=training_step)
+        validate.check_terms_finite(out, set(self._dkeys.values()), self.check_finite)
+        alphas = [float(self.alpha)] * len(distill) if self.alpha != "auto" else step_alphas(
+            self.auto_alpha, out, distill, self.alpha_ratio, list(self._dkeys.values()), measure=training_step)
+        for tname, alpha in zip(distill, alphas):
+            out[self._dkeys[tname]] = alpha * distill[tname]
         if not self._balance_checked:
             self._balance_checked = True
             check_balance(out, self.alpha)
         return out
 
     def _check_batch(self, images: Any, targets: Any, hr_images: Any, hr_targets: Any) -> None:
-        """Every check of the batch that can run before a forward, so torch's errors never arrive mid-step."""
-        if targets is None:
-            raise InputError("expected targets in training mode, but got None")
-        self.adapter.check_images(images, len(targets), "images")
-        self.adapter.check_targets(targets, "targets")
-        if (hr_images is None) != (hr_targets is None):
-            raise InputError("expected hr_images and hr_targets together, but got only "
-                             f"{'hr_images' if hr_targets is None else 'hr_targets'}")
-        if hr_images is None:
-            if not self.adapter.builds_hr_view:
-                if self.hr_scale is None:
-                    raise InputError(f"expected hr_images and hr_targets, or BridgeDistiller(..., hr_scale=...) to "
-                                     f"build them, for a {self.adapter.family}; got neither")
-                validate.check_float_images(images, "images")
-            return
-        self.adapter.check_images(hr_images, len(targets), "hr_images")
-        self.adapter.check_targets(hr_targets, "hr_targets")
-        validate.check_hr_not_smaller(images, hr_images)
-        if self.hr_scale is not None and not self._reported_hr_scale:
+        validate.check_batch(self.adapter, images, targets, hr_images, hr_targets, self.hr_scale)
+        if hr_images is not None and self.hr_scale is not None and not self._reported_hr_scale:
             self._reported_hr_scale = True
             warnings.warn(f"LRDet: hr_images were given, so hr_scale={self.hr_scale:g} is not used for this batch "
-                          f"(the explicit HR view wins whenever it is passed)", stacklevel=4)
+                          f"(the explicit HR view wins whenever it is passed)", stacklevel=5)
 
-    def _step_alphas(self, out: Mapping[str, Tensor], distill: Mapping[str, Tensor], measure: bool) -> List[float]:
-        """The weight of each teacher's term at this step; with ``alpha="auto"``, measured once."""
-        if self.alpha != "auto":
-            return [float(self.alpha)] * len(distill)
-        # Read from the buffer every time: loading a checkpoint or DDP's buffer broadcast may change it.
-        alphas = self.auto_alpha.tolist()
-        if any(math.isnan(a) for a in alphas) and measure:
-            det = sum((v.detach() for k, v in out.items() if k.startswith("lr/")), torch.zeros(()))
-            new, terms = auto_alphas(det, list(distill.values()), self.alpha_ratio)
-            for i, a in enumerate(new):
-                if math.isnan(alphas[i]) and a is not None:
-                    self.auto_alpha[i] = a
-            alphas = self.auto_alpha.tolist()
-            report_auto_alpha([self._key("distill", t, self.loss_name) for t in distill], alphas, terms,
-                              self.alpha_ratio)
-        return [0.0 if math.isnan(a) else a for a in alphas]
-
-    # ---------------------------------------------------------------------------------------------
     def _replay(self, lr: PassRecord, hr: PassRecord) -> Replay:
         """The bridge's backbone: the student's recorded levels at the sizes of the teacher's backbone levels."""
         levels = self.adapter.levels("backbone", lr.backbone, lr.canvas)
         sizes = bridge_sizes(levels, hr.backbone_levels)
-        return lambda canvas: lr.backbone.replaced(
-            resample_levels(levels, sizes, lr.canvas, canvas, lr.sizes, hr.sizes))
+        return lambda hw: lr.backbone.replaced(resample_levels(levels, sizes, lr.canvas, hw, lr.sizes, hr.sizes))
 
     def _match(self, tname: str, s_feats: Feats, t_feats: Feats, canvas: Any) -> List[LevelPair]:
         """Pair student and teacher levels: by stride, by name or order where strides collide, or by level_map."""
@@ -393,12 +302,8 @@ class BridgeDistiller(nn.Module):
         s_levels, t_levels = self.adapter.levels("neck", s_feats, canvas), ad.levels("neck", t_feats, canvas)
         level_map = self._level_map.get(tname)
         pairs = pair_levels(s_levels, t_levels, ad.role, level_map)
-        skipped = [] if level_map else unpaired_strides(s_levels, t_levels)
-        if skipped and tname not in self._reported:
-            self._reported.add(tname)
-            warnings.warn(f"LRDet: levels with stride {skipped} have no partner between the student and the "
-                          f"{ad.role} and are not distilled (student strides {sorted({lv.stride for lv in s_levels})},"
-                          f" teacher strides {sorted({lv.stride for lv in t_levels})})", stacklevel=4)
+        if not level_map and tname not in self._reported and warn_unpaired(s_levels, t_levels, ad.role):
+            self._reported.add(tname)  # once per teacher
         return pairs
 
     def _ensure(self, tname: str, pairs: Sequence[LevelPair], late: bool) -> None:
@@ -434,11 +339,6 @@ class BridgeDistiller(nn.Module):
                              strides=[p.stride for p in pairs], level_names=[p.teacher_key for p in pairs])
         loss = self.losses[tname]
         value = loss(student, teacher, ctx)
-
-        def nonfinite_levels() -> List[str]:
-            with torch.no_grad():
-                return [f"{n} (stride {s})" for i, (n, s) in enumerate(zip(ctx.level_names, ctx.strides))
-                        if not bool(torch.isfinite(loss([student[i]], [teacher[i]], ctx.only(i))))]
-        validate.check_distill_value(value, self._key("distill", tname, self.loss_name), self.check_finite,
-                                     nonfinite_levels)
+        validate.check_distill_value(value, self._dkeys[tname], self.check_finite,
+                                     lambda: validate.nonfinite_levels(loss, student, teacher, ctx))
         return value

@@ -7,6 +7,7 @@ at stride 32. Those are paired by name when both sides have the same names at th
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
@@ -143,6 +144,17 @@ def pair_levels(student: Sequence[Level], teacher: Sequence[Level], who: str,
 def unpaired_strides(student: Sequence[Level], teacher: Sequence[Level]) -> List[int]:
     """Strides present on one side only (their levels are not distilled)."""
     return sorted({lv.stride for lv in student} ^ {lv.stride for lv in teacher})
+
+
+def warn_unpaired(student: Sequence[Level], teacher: Sequence[Level], who: str) -> bool:
+    """Warn when levels of some stride have no partner on the other side (they are not distilled); whether it
+    warned."""
+    skipped = unpaired_strides(student, teacher)
+    if skipped:
+        warnings.warn(f"LRDet: levels with stride {skipped} have no partner between the student and the {who} and "
+                      f"are not distilled (student strides {sorted({lv.stride for lv in student})}, teacher strides "
+                      f"{sorted({lv.stride for lv in teacher})})", stacklevel=6)
+    return bool(skipped)
 
 
 def _pair_by_stride(student: Sequence[Level], teacher: Sequence[Level], who: str) -> List[tuple]:

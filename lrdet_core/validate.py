@@ -282,6 +282,25 @@ def as_teacher_dict(teacher: Any) -> Dict[str, nn.Module]:
     return teachers
 
 
+def check_options(student: Any, teachers: Mapping[str, nn.Module], *, hr_source: Any, check_finite: Any,
+                  alpha: Any, alpha_ratio: Any, bridge_rois: Any, hr_det_weight: Any, family: Optional[str]) -> None:
+    """The distiller's models and options, before anything is frozen or built.
+
+    Args:
+        family: the student's torchvision family (only R-CNN students take ``bridge_rois``).
+    """
+    if not isinstance(student, nn.Module):
+        raise InputError(f"expected the student to be an nn.Module, but got {type(student).__name__}")
+    if any(t is student for t in teachers.values()):
+        raise InputError("the teacher must be a separate model from the student (it is frozen)")
+    check_not_shared(student, teachers, {n: who(n) for n in teachers})
+    check_choice("hr_source", hr_source, ("teacher", "lr"))
+    check_choice("check_finite", check_finite, ("raise", "warn", "off"))
+    check_alpha(alpha, alpha_ratio)
+    check_bridge_rois(bridge_rois, family)
+    check_hr_det_weight(hr_det_weight)
+
+
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
     """``value`` is one of ``choices``."""
     if value not in choices:
@@ -321,3 +340,36 @@ def _report(mode: str, msg: str) -> None:
     if mode == "raise":
         raise NonFiniteError(msg)
     warnings.warn("LRDet: " + msg, stacklevel=4)
+
+
+def check_batch(adapter: Any, images: Any, targets: Any, hr_images: Any, hr_targets: Any,
+                hr_scale: Optional[float]) -> None:
+    """Every check of a training batch that can run before a forward, so torch's errors never arrive mid-step.
+
+    Args:
+        adapter: the student's adapter (its family checks the images and targets).
+    """
+    if targets is None:
+        raise InputError("expected targets in training mode, but got None")
+    adapter.check_images(images, len(targets), "images")
+    adapter.check_targets(targets, "targets")
+    if (hr_images is None) != (hr_targets is None):
+        raise InputError("expected hr_images and hr_targets together, but got only "
+                         f"{'hr_images' if hr_targets is None else 'hr_targets'}")
+    if hr_images is None:
+        if not adapter.builds_hr_view:
+            if hr_scale is None:
+                raise InputError(f"expected hr_images and hr_targets, or BridgeDistiller(..., hr_scale=...) to "
+                                 f"build them, for a {adapter.family}; got neither")
+            check_float_images(images, "images")
+        return
+    adapter.check_images(hr_images, len(targets), "hr_images")
+    adapter.check_targets(hr_targets, "hr_targets")
+    check_hr_not_smaller(images, hr_images)
+
+
+def nonfinite_levels(loss: Callable, student: List[Tensor], teacher: List[Tensor], ctx: Any) -> List[str]:
+    """The levels at which ``loss`` alone is not finite (``"name (stride s)"``), to say where a sum went wrong."""
+    with torch.no_grad():
+        return [f"{n} (stride {s})" for i, (n, s) in enumerate(zip(ctx.level_names, ctx.strides))
+                if not bool(torch.isfinite(loss([student[i]], [teacher[i]], ctx.only(i))))]

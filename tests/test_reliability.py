@@ -265,7 +265,7 @@ def test_checkpoint_resume_gives_the_identical_next_step(tmp_path):
 
 
 def test_alpha_auto_resumes_bit_identically_without_measuring_again(tmp_path, monkeypatch):
-    import lrdet_core.distiller as distiller_mod
+    import lrdet_core.balance as balance_mod
 
     def run(d, opt, seed):
         torch.manual_seed(seed)
@@ -299,7 +299,7 @@ def test_alpha_auto_resumes_bit_identically_without_measuring_again(tmp_path, mo
     def measured_again(*a, **k):
         raise AssertionError("a resumed distiller measured alpha again")
 
-    monkeypatch.setattr(distiller_mod, "auto_alphas", measured_again)
+    monkeypatch.setattr(balance_mod, "auto_alphas", measured_again)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = run(d2, opt2, 2)

@@ -16,17 +16,18 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from torch import nn
 
-from ..errors import SplitPointError
+from ..errors import InputError, SplitPointError
 from .base import Adapter, HRView, LevelSize, PassRecord, SplitPoints
 from .generic import GenericAdapter
 from .torchvision import TORCHVISION_SPLIT_POINTS, TorchvisionAdapter, torchvision_family
 
 __all__ = ["Adapter", "GenericAdapter", "TorchvisionAdapter", "SplitPoints", "PassRecord", "HRView", "LevelSize",
-           "TORCHVISION_SPLIT_POINTS", "adapter_for", "family_of", "torchvision_family", "ultralytics_family"]
+           "TORCHVISION_SPLIT_POINTS", "adapter_for", "check_one_family", "family_of", "torchvision_family",
+           "ultralytics_family"]
 
 
 def ultralytics_family(model: nn.Module) -> Optional[str]:
@@ -44,6 +45,15 @@ def family_of(model: nn.Module) -> str:
     if ultralytics_family(model):
         return "ultralytics"
     return "custom"
+
+
+def check_one_family(student: nn.Module, teachers: Mapping[str, nn.Module]) -> None:
+    """The student and every teacher are of one family: the HR view is built differently for each."""
+    families = {n: family_of(t) for n, t in teachers.items()}
+    if any(f != family_of(student) for f in families.values()):
+        raise InputError(f"expected the student and the teacher(s) to be of one family (torchvision detectors, "
+                         f"Ultralytics YOLO models or custom models), because the HR view is built differently "
+                         f"for each; got a {family_of(student)} student and {families}")
 
 
 def adapter_for(model: nn.Module, split_points: Optional[SplitPoints], role: str) -> Adapter:
