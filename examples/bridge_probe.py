@@ -206,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     res["wall_time_s"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     harness.write_json(args.out / f"{args.name}.json", res)
-    lines = [f"# The bridge's mechanism against the resolution gap", "", f"Command: `{res['config']['command']}`  ",
+    lines = ["# The bridge's mechanism against the resolution gap", "", f"Command: `{res['config']['command']}`  ",
              f"Teacher: {res['config']['teacher']}; probe: {n_batches} batches of {cfg['batch']} training crops; "
              f"'trained' = after {iters} LRDet iterations (AdamW lr {cfg['lr']}, alpha {cfg['alpha']}), seed 0; "
              f"{res['wall_time_s'] / 60:.1f} min.", "",

@@ -1,16 +1,17 @@
 """What the example scripts share: options, seeding, the training loop and result files.
 
 Each example keeps what is its own (its model, its data, its LRDet lines, its tables); this module holds
-what they would otherwise copy from each other. A new ``train_<detector>.py`` needs four calls::
+what they would otherwise copy from each other. A new ``train_<detector>.py`` is built like
+``train_fcos.py``::
 
     import harness
     args = harness.example_parser(__doc__, "train_yolo").parse_args(argv)  # --quick --steps --scale ...
-    run = harness.start(args, batch=8)         # threads, seeds; steps, batch and the data generator
+    steps, batch, g = harness.start(args, batch=8)   # threads and seeds; step count, batch, data generator
     t0 = time.time()
-    ...                                         # teacher, BridgeDistiller, its step(i), as in train_fcos.py
-    log = harness.train(distiller, step, run.steps, 1e-3, "LRDet student", log_every=max(run.steps // 10, 1))
+    ...                                               # the teacher, BridgeDistiller and its step(i): the example's own
+    log = harness.train(distiller, step, steps, 1e-3, "LRDet student", log_every=max(steps // 10, 1))
     harness.save_student(distiller, build(lr_size), args.out)   # student.pt, reloaded into a plain model
-    return harness.finish(args.out, {"detector": "YOLO", "steps": run.steps, "val": metrics}, log, t0)
+    return harness.finish(args.out, {"detector": "YOLO", "steps": steps, "val": metrics}, log, t0)
 
 Nothing here may change a number of ``reproduce_deepforest.py``: its finished runs are reused by a
 fingerprint of its settings, not of this code, so ``train`` and ``seed_all`` must keep their arithmetic
@@ -25,9 +26,8 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,9 +83,8 @@ def example_parser(doc: str, name: str, quick_help: str = "a few steps, a few ev
     return p
 
 
-@dataclass
-class Start:
-    """What ``start`` set up for a ``train_*`` example."""
+class Start(NamedTuple):
+    """What ``start`` set up for a ``train_*`` example (unpacks as ``steps, batch, generator``)."""
 
     steps: int  #: student steps (``--steps``, else 2 with ``--quick``, else 300)
     batch: int  #: images per step

@@ -152,7 +152,7 @@ def make_batch(crops: dfd.TrainCrops, batch: int, scale: float, g: torch.Generat
 
 
 # ------------------------------------------------------------------------------------------------
-# Training and COCO evaluation
+# COCO evaluation (the training loop, ``train``, is the examples' harness.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -419,8 +419,8 @@ def markdown(results: Dict, summary: Dict) -> str:
              f"Command: `{cfg['command']}`  ",
              f"LR scale {cfg['scale']} (tiles {round(256 * cfg['scale'])} px, HR 256 px); teacher "
              f"{cfg['teacher_iters']} iterations (AdamW lr {cfg.get('teacher_lr', cfg['lr'])}), students "
-             f"{cfg['iters']} iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr {cfg['lr']}, held-out rows "
-             f"{cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: "
+             f"{cfg['iters']} iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr {cfg['lr']}, "
+             f"held-out rows {cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: "
              f"{ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
              f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']}"
              f"{_resumed_note(results)} "

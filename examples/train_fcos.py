@@ -25,8 +25,7 @@ from lrdet_core import BridgeDistiller  # noqa: E402
 
 def main(argv=None):
     args = harness.example_parser(__doc__, "train_fcos").parse_args(argv)
-    run = harness.start(args, batch=8)
-    steps, batch, g = run.steps, run.batch, run.generator
+    steps, batch, g = harness.start(args, batch=8)
     crops = dfd.TrainCrops()
     val = dfd.load_split("val")[:: 4 if args.quick else 1]
     lr_size = round(dfd.TILE * args.scale)

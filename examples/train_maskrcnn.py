@@ -155,8 +155,7 @@ def evaluate(model: nn.Module, samples) -> Dict[str, float]:
 def main(argv=None):
     args = harness.example_parser(__doc__, "train_maskrcnn", scale=False,
                                   quick_help="a few steps, a few evaluation images (CI smoke test)").parse_args(argv)
-    run = harness.start(args, batch=4)
-    steps, batch, g = run.steps, run.batch, run.generator
+    steps, batch, g = harness.start(args, batch=4)
     val_g = torch.Generator().manual_seed(12345)
     val = [make_sample(val_g)[:2] for _ in range(4 if args.quick else 32)]
 

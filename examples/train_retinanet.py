@@ -46,8 +46,7 @@ def build_retinanet(size: int) -> nn.Module:
 
 def main(argv=None):
     args = harness.example_parser(__doc__, "train_retinanet").parse_args(argv)
-    run = harness.start(args, batch=8)
-    steps, batch, g = run.steps, run.batch, run.generator
+    steps, batch, g = harness.start(args, batch=8)
     crops = dfd.TrainCrops()
     val = dfd.load_split("val")[:: 4 if args.quick else 1]
     lr_size = round(dfd.TILE * args.scale)
