@@ -76,7 +76,7 @@ def example_parser(doc: str, name: str, quick_help: str = "a few steps, a few ev
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--steps", type=int, help="student steps (teacher: twice as many)")
     if scale:
-        p.add_argument("--scale", type=float, default=0.5)
+        p.add_argument("--scale", type=float, default=0.5, help="the student's resolution, a fraction of the teacher's")
     p.add_argument("--alpha", type=float, default=2e-5, help="weight of the sum-reduced MSE distillation term")
     p.add_argument("--out", type=Path, default=Path("runs") / name)
     add_threads(p)
