@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepforest_data as dfd  # noqa: E402
+import harness  # noqa: E402
 import reproduce_deepforest as rd  # noqa: E402
 
 
@@ -98,19 +99,19 @@ def probe_scale(scale: float, teacher: nn.Module, crops: dfd.TrainCrops, iters: 
 
     g_probe = torch.Generator().manual_seed(123)  # the same crops at every scale
     batches = [rd.make_batch(crops, batch, scale, g_probe) for _ in range(n_batches)]
-    rd.seed_all(seed)
+    harness.seed_all(seed)
     student = rd.build_fcos(round(dfd.TILE * scale))
     inherit_weights(student, teacher)
     out = {"init": measure(student, teacher, batches)}
     if iters:
-        g = rd.seed_all(seed)
+        g = harness.seed_all(seed)
         d = BridgeDistiller(student, teacher, alpha=alpha)
 
         def step(i):
             lr_, lr_t, hr, hr_t = rd.make_batch(crops, batch, scale, g)
             return d(lr_, lr_t, hr_images=hr, hr_targets=hr_t)
 
-        rd.train(d, step, iters, lr, f"LRDet at {scale}x")
+        harness.train(d, step, iters, lr, f"LRDet at {scale}x")
         out["trained"] = measure(student, teacher, batches)
     return out
 
@@ -178,10 +179,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--results", type=Path, nargs="*", default=[],
                    help="reproduction result JSONs whose paired ΔAP contrasts go into the plot's third panel")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny teacher, 2 iterations, 1 batch")
-    p.add_argument("--out", type=Path, default=rd.DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=harness.DEFAULT_OUT)
     p.add_argument("--name", default="bridge_probe")
-    p.add_argument("--cache", type=Path, default=dfd.default_cache_dir())
-    p.add_argument("--threads", type=int, default=1)
+    harness.add_cache(p)
+    harness.add_threads(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -196,8 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     teacher.requires_grad_(False).eval()
     res = {"config": {"preset": "quick" if args.quick else args.preset, "teacher": rd.teacher_key(cfg),
                       "iters": iters, "batches": n_batches, "batch": cfg["batch"], "lr": cfg["lr"],
-                      "alpha": cfg["alpha"], "command": " ".join(["python examples/bridge_probe.py",
-                                                                  *(sys.argv[1:] if argv is None else argv)])},
+                      "alpha": cfg["alpha"], "command": harness.command_line(__file__, argv)},
            "scales": {}}
     for s in args.scales:
         res["scales"][str(s)] = probe_scale(s, teacher, crops, iters, cfg["batch"], n_batches, cfg["lr"], cfg["alpha"])
@@ -205,8 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     res["contrasts"] = {str(k): v for k, v in load_contrasts(args.results).items()}
     res["wall_time_s"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(rd.json_safe(res), indent=1))
-    lines = [f"# The bridge's mechanism against the resolution gap", "", f"Command: `{res['config']['command']}`  ",
+    harness.write_json(args.out / f"{args.name}.json", res)
+    lines = ["# The bridge's mechanism against the resolution gap", "", f"Command: `{res['config']['command']}`  ",
              f"Teacher: {res['config']['teacher']}; probe: {n_batches} batches of {cfg['batch']} training crops; "
              f"'trained' = after {iters} LRDet iterations (AdamW lr {cfg['lr']}, alpha {cfg['alpha']}), seed 0; "
              f"{res['wall_time_s'] / 60:.1f} min.", "",

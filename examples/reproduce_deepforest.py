@@ -41,25 +41,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import json
 import math
-import os
 import platform
-import subprocess
 import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepforest_data as dfd  # noqa: E402
+import harness  # noqa: E402
+from harness import DEFAULT_OUT, OPTIMIZERS, REPO, json_safe, seed_all, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR100")
@@ -153,79 +152,8 @@ def make_batch(crops: dfd.TrainCrops, batch: int, scale: float, g: torch.Generat
 
 
 # ------------------------------------------------------------------------------------------------
-# Training and COCO evaluation
+# COCO evaluation (the training loop, ``train``, is the examples' harness.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def lr_lambda(warmup: int, iters: int) -> Callable[[int], float]:
-    def f(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(iters - warmup, 1)))
-    return f
-
-
-def step_lambda(warmup: int, iters: int, milestones=(2 / 3, 8 / 9), gamma: float = 0.1) -> Callable[[int], float]:
-    """Linear warm-up, then the learning rate times ``gamma`` at each milestone (fractions of ``iters``):
-    the step schedule of mmdetection's 1x recipe (epochs 8 and 11 of 12), which the paper trains with."""
-    steps = [round(m * iters) for m in milestones]
-
-    def f(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return gamma ** sum(i >= s for s in steps)
-    return f
-
-
-#: Optimisers: AdamW with cosine decay (the default presets), or the paper's SGD (momentum 0.9, weight decay
-#: 1e-4, step decay); both with linear warm-up and gradient clipping at 10.
-OPTIMIZERS = ("adamw", "sgd")
-
-
-def train(module: nn.Module, step: Callable[[int], Dict[str, Tensor]], iters: int, lr: float, desc: str,
-          warmup: int = 50, clip: float = 10.0, log_every: int = 50, optim: str = "adamw") -> List[Dict[str, float]]:
-    """Train ``module`` for ``iters`` iterations; ``step(i)`` returns a loss dict.
-
-    ``optim="adamw"``: AdamW, linear warm-up then cosine decay. ``"sgd"``: SGD with momentum 0.9, linear warm-up
-    then step decay (x0.1 at 2/3 and 8/9 of the iterations). Both clip the gradient norm at ``clip``.
-    """
-    from tqdm import tqdm
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    warmup = min(warmup, max(iters // 5, 1))
-    if optim == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, step_lambda(warmup, iters))
-    elif optim == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, iters))
-    else:
-        raise ValueError(f"expected optim in {OPTIMIZERS}, but got {optim!r}")
-    module.train()
-    log, running = [], {}
-    # worker processes (--jobs) keep quiet: their bars would overwrite each other; the parent shows one
-    bar = tqdm(range(iters), desc=desc, leave=False, dynamic_ncols=True, mininterval=2, disable=bool(_WORKER))
-    for i in bar:
-        losses = step(i)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: non-finite loss at iteration {i}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        sched.step()
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + float(v.detach())
-        if (i + 1) % log_every == 0 or i + 1 == iters:
-            n = log_every if (i + 1) % log_every == 0 else (i + 1) % log_every
-            entry = {"iter": i + 1, **{k: v / n for k, v in running.items()}}
-            log.append(entry)
-            bar.set_postfix(loss=f"{sum(v for k, v in entry.items() if k != 'iter'):.3f}")
-            running = {}
-    bar.close()
-    return log
 
 
 @torch.no_grad()
@@ -328,17 +256,11 @@ CONTRASTS = [("lrdet", "inherit"), ("bridge", "lr_baseline"), ("bridge", "fitnet
              ("lrdet_l1", "inherit"), ("lrdet_cwd", "inherit"), ("lrdet_fgd", "inherit")]
 
 
-def seed_all(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(10_000 + seed)
-
-
 def train_teacher(cfg: dict, crops: dfd.TrainCrops, cache: Optional[Path]):
     """The HR teacher and its training time, from the cache when one with these settings exists."""
     teacher = build_fcos(dfd.TILE)
     key = teacher_key(cfg)
-    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache / f"deepforest_teacher_{tag}.pt" if cache else None
+    path = cache / f"deepforest_teacher_{teacher_tag(cfg)}.pt" if cache else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu")
         teacher.load_state_dict(saved["state_dict"])
@@ -369,6 +291,7 @@ def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teache
     student = build_fcos(lr_size)
     scale, batch = cfg["scale"], cfg["batch"]
     desc = f"{method} seed {seed}"
+    quiet = bool(_WORKER)  # worker processes (--jobs) hide their bars: they would overwrite each other
     if method in ("lr_baseline", "inherit"):
         if method == "inherit":
             inherit_weights(student, teacher)
@@ -377,7 +300,8 @@ def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teache
             lr, lr_t, _, _ = make_batch(crops, batch, scale, g)
             return student(lr, lr_t)
 
-        return student, train(student, step, cfg["iters"], cfg["lr"], desc, optim=cfg.get("optim", "adamw"))
+        return student, train(student, step, cfg["iters"], cfg["lr"], desc, optim=cfg.get("optim", "adamw"),
+                              quiet=quiet)
     base, _, variant = method.partition("_")
     loss = variant if variant in ALPHAS else "mse"
     alpha = cfg["alpha"] if loss == "mse" else ALPHAS[loss]
@@ -390,7 +314,7 @@ def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teache
         lr, lr_t, hr, hr_t = make_batch(crops, batch, scale, g)
         return d(lr, lr_t, hr_images=hr, hr_targets=hr_t)
 
-    return student, train(d, step, cfg["iters"], cfg["lr"], desc, optim=cfg.get("optim", "adamw"))
+    return student, train(d, step, cfg["iters"], cfg["lr"], desc, optim=cfg.get("optim", "adamw"), quiet=quiet)
 
 
 # Parallel runs (``--jobs``): each worker process loads the data and the teacher once, then trains
@@ -425,17 +349,6 @@ def run_and_evaluate(method: str, seed: int, cfg: dict, keep: bool, crops=None, 
     elapsed = time.time() - t
     res = evaluate(student, splits, cfg["scale"])
     return method, seed, res, elapsed, log, (student.state_dict() if keep else None)
-
-
-def json_safe(x):
-    """NaN (a size range without crowns) as null, so that the files are strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
 
 
 def mean_std(xs: Sequence[float]):
@@ -506,8 +419,8 @@ def markdown(results: Dict, summary: Dict) -> str:
              f"Command: `{cfg['command']}`  ",
              f"LR scale {cfg['scale']} (tiles {round(256 * cfg['scale'])} px, HR 256 px); teacher "
              f"{cfg['teacher_iters']} iterations (AdamW lr {cfg.get('teacher_lr', cfg['lr'])}), students "
-             f"{cfg['iters']} iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr {cfg['lr']}, held-out rows "
-             f"{cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: "
+             f"{cfg['iters']} iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr {cfg['lr']}, "
+             f"held-out rows {cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: "
              f"{ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
              f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']}"
              f"{_resumed_note(results)} "
@@ -666,20 +579,6 @@ def plot_detections(models: Dict[str, tuple], tiles: List[Dict], index: int, pat
     plt.close(fig)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-REPO = HERE.parent
-#: Where runs go unless ``--save-results`` (the committed ``examples/results``) or ``--out`` is given: an
-#: untracked folder, so that running the main job leaves the checkout clean.
-DEFAULT_OUT = REPO / "runs"
-
-
 def teacher_key(cfg: dict) -> Dict:
     """The settings that determine the HR teacher (its cache key)."""
     key = {"teacher_iters": cfg["teacher_iters"], "batch": cfg["batch"], "lr": cfg["teacher_lr"],
@@ -687,6 +586,11 @@ def teacher_key(cfg: dict) -> Dict:
     if cfg.get("held_out_rows", dfd.HELD_OUT_ROWS) != dfd.HELD_OUT_ROWS:
         key["held_out_rows"] = cfg["held_out_rows"]
     return key
+
+
+def teacher_tag(cfg: dict) -> str:
+    """The name of the teacher's cache file: a hash of ``teacher_key(cfg)``."""
+    return hashlib.sha1(json.dumps(teacher_key(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def state_sha(model: nn.Module) -> str:
@@ -777,12 +681,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--fresh", action="store_true", help="train every run again, ignoring finished runs in the "
                    "output folder (by default a rerun of a command skips the runs it finished)")
     p.add_argument("--name", help="output file stem (default deepforest, deepforest_<preset>)")
-    p.add_argument("--cache", type=Path, default=dfd.default_cache_dir(),
-                   help="where the data wheel, trained teachers and kept students are kept")
+    harness.add_cache(p)
     p.add_argument("--no-teacher-cache", action="store_true", help="always train the teacher")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: on a 2-core machine shared with other jobs, 2 threads ran\n"
-                        "several times slower than 1 here; try 2 on an idle machine)")
+    harness.add_threads(p)
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many runs at once, in separate processes of --threads threads each\n"
                         "(2 on a 2-core machine: about twice the throughput of one process)")
@@ -799,7 +700,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     cfg.setdefault("held_out_rows", dfd.HELD_OUT_ROWS)
     cfg.setdefault("teacher_lr", cfg["lr"])
     cfg.update(preset=preset, teacher_seed=args.teacher_seed, quick=preset == "quick",
-               command=" ".join(["python examples/reproduce_deepforest.py", *(sys.argv[1:] if argv is None else argv)]))
+               command=harness.command_line(__file__, argv))
     name = args.name or ("deepforest" if preset == "default" else f"deepforest_{preset}")
     out_dir = args.out or (HERE / "results" if args.save_results else DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -883,15 +784,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     results["loss_logs"] = logs
     results["machine"] = (f"{platform.machine()} CPU, {args.threads} thread(s)"
                           + (f" in each of {args.jobs} processes" if args.jobs > 1 else ""))
-    results["versions"] = {"torch": torch.__version__, "python": platform.python_version(), "commit": git_commit()}
-    try:
-        import torchvision
-        results["versions"]["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
+    results["versions"] = harness.versions()
     results["summary"] = summarise(results)
     results["contrasts"] = contrasts(results)
-    (out_dir / f"{name}.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
+    harness.write_json(out_dir / f"{name}.json", results)
     md = markdown(results, results["summary"])
     (out_dir / f"{name}.md").write_text(md + "\n")
     if not args.no_plots:

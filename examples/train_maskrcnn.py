@@ -14,10 +14,8 @@ box and mask AP, at LR) and saved as a plain torchvision ``MaskRCNN`` state dict
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
 import math
 import sys
 import time
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_deepforest import json_safe, train  # noqa: E402
+import harness  # noqa: E402
 
 from lrdet_core import BridgeDistiller  # noqa: E402
 
@@ -155,18 +153,9 @@ def evaluate(model: nn.Module, samples) -> Dict[str, float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few steps, a few evaluation images (CI smoke test)")
-    p.add_argument("--steps", type=int, help="student steps (teacher: twice as many)")
-    p.add_argument("--alpha", type=float, default=2e-5, help="weight of the sum-reduced MSE distillation term")
-    p.add_argument("--out", type=Path, default=Path("runs/train_maskrcnn"))
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    steps = args.steps or (2 if args.quick else 300)
-    batch = 2 if args.quick else 4
-    g = torch.Generator().manual_seed(0)
+    args = harness.example_parser(__doc__, "train_maskrcnn", scale=False,
+                                  quick_help="a few steps, a few evaluation images (CI smoke test)").parse_args(argv)
+    steps, batch, g = harness.start(args, batch=4)
     val_g = torch.Generator().manual_seed(12345)
     val = [make_sample(val_g)[:2] for _ in range(4 if args.quick else 32)]
 
@@ -175,7 +164,7 @@ def main(argv=None):
 
     t0 = time.time()
     teacher = build_maskrcnn(HR)  # any trained HR Mask R-CNN; here trained briefly from scratch
-    train(teacher, lambda i: teacher(*batch_of(batch)[2:]), 2 * steps, 1e-3, "HR teacher")
+    harness.train(teacher, lambda i: teacher(*batch_of(batch)[2:]), 2 * steps, 1e-3, "HR teacher")
 
     student = build_maskrcnn(HR // 2)
     distiller = BridgeDistiller(student, teacher, inherit=True, alpha=args.alpha)  # LRDet
@@ -185,19 +174,12 @@ def main(argv=None):
         lr, lr_t, hr, hr_t = batch_of(batch)
         return distiller(lr, lr_t, hr_images=hr, hr_targets=hr_t)                   # LRDet
 
-    log = train(distiller, step, steps, 1e-3, "LRDet student", log_every=max(steps // 10, 1))
+    log = harness.train(distiller, step, steps, 1e-3, "LRDet student", log_every=max(steps // 10, 1))
     metrics = evaluate(student, val)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(distiller.student_state_dict(), args.out / "student.pt")
-    build_maskrcnn(HR // 2).load_state_dict(torch.load(args.out / "student.pt"))  # plain torchvision again
-    summary = {"detector": "MaskRCNN", "data": "generated shapes, exact masks", "steps": steps, "val": metrics,
-               "last_losses": log[-1], "time_s": time.time() - t0}
-    (args.out / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
-    print(json.dumps(summary["val"]))
-    if not all(math.isfinite(v) for v in log[-1].values()):
-        raise SystemExit("non-finite training loss")
-    return summary
+    harness.save_student(distiller, build_maskrcnn(HR // 2), args.out)  # plain torchvision again
+    summary = {"detector": "MaskRCNN", "data": "generated shapes, exact masks", "steps": steps, "val": metrics}
+    return harness.finish(args.out, summary, log, t0)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,17 @@ to 128 px with antialiasing. The student is evaluated alone at LR and saved as a
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepforest_data as dfd  # noqa: E402
-from reproduce_deepforest import coco_metrics, json_safe, make_batch, predict, train  # noqa: E402
+import harness  # noqa: E402
+from reproduce_deepforest import coco_metrics, make_batch, predict  # noqa: E402
 
 from lrdet_core import BridgeDistiller  # noqa: E402
 
@@ -48,26 +45,15 @@ def build_retinanet(size: int) -> nn.Module:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few steps, a few evaluation tiles (CI smoke test)")
-    p.add_argument("--steps", type=int, help="student steps (teacher: twice as many)")
-    p.add_argument("--scale", type=float, default=0.5)
-    p.add_argument("--alpha", type=float, default=2e-5, help="weight of the sum-reduced MSE distillation term")
-    p.add_argument("--out", type=Path, default=Path("runs/train_retinanet"))
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    steps = args.steps or (2 if args.quick else 300)
-    batch = 2 if args.quick else 8
-    g = torch.Generator().manual_seed(0)
+    args = harness.example_parser(__doc__, "train_retinanet").parse_args(argv)
+    steps, batch, g = harness.start(args, batch=8)
     crops = dfd.TrainCrops()
     val = dfd.load_split("val")[:: 4 if args.quick else 1]
     lr_size = round(dfd.TILE * args.scale)
     t0 = time.time()
 
     teacher = build_retinanet(dfd.TILE)  # any trained HR RetinaNet; here trained briefly from scratch
-    train(teacher, lambda i: teacher(*make_batch(crops, batch, 1.0, g)[2:]), 2 * steps, 1e-3, "HR teacher")
+    harness.train(teacher, lambda i: teacher(*make_batch(crops, batch, 1.0, g)[2:]), 2 * steps, 1e-3, "HR teacher")
 
     student = build_retinanet(lr_size)
     distiller = BridgeDistiller(student, teacher, inherit=True, alpha=args.alpha)  # LRDet
@@ -77,19 +63,12 @@ def main(argv=None):
         lr, lr_t, hr, hr_t = make_batch(crops, batch, args.scale, g)
         return distiller(lr, lr_t, hr_images=hr, hr_targets=hr_t)                   # LRDet
 
-    log = train(distiller, step, steps, 1e-3, "LRDet student", log_every=max(steps // 10, 1))
+    log = harness.train(distiller, step, steps, 1e-3, "LRDet student", log_every=max(steps // 10, 1))
     metrics = coco_metrics(val, predict(student, val, args.scale))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(distiller.student_state_dict(), args.out / "student.pt")
-    build_retinanet(lr_size).load_state_dict(torch.load(args.out / "student.pt"))  # plain torchvision again
-    summary = {"detector": "RetinaNet", "scale": args.scale, "steps": steps, "val": metrics, "last_losses": log[-1],
-               "time_s": time.time() - t0}
-    (args.out / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
-    print(json.dumps(summary["val"]))
-    if not all(math.isfinite(v) for v in log[-1].values()):
-        raise SystemExit("non-finite training loss")
-    return summary
+    harness.save_student(distiller, build_retinanet(lr_size), args.out)  # plain torchvision again
+    summary = {"detector": "RetinaNet", "scale": args.scale, "steps": steps, "val": metrics}
+    return harness.finish(args.out, summary, log, t0)
 
 
 if __name__ == "__main__":

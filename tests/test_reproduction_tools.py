@@ -30,6 +30,12 @@ def rd():
 
 
 @pytest.fixture(scope="module")
+def harness(rd):
+    import harness  # on the path while reproduce_deepforest was imported, which imports it
+    return harness
+
+
+@pytest.fixture(scope="module")
 def dfd(rd):
     import deepforest_data
     try:
@@ -63,8 +69,8 @@ def test_contrasts_are_paired_by_seed_with_their_standard_error(rd):
     assert all(c["a"] in results["runs"] and c["b"] in results["runs"] for c in rd.contrasts(results))
 
 
-def test_sgd_schedule_warms_up_then_steps_down_at_two_thirds_and_eight_ninths(rd):
-    f = rd.step_lambda(warmup=10, iters=900)
+def test_sgd_schedule_warms_up_then_steps_down_at_two_thirds_and_eight_ninths(harness):
+    f = harness.step_lambda(warmup=10, iters=900)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(599) == 1.0 and f(600) == pytest.approx(0.1)
     assert f(799) == pytest.approx(0.1) and f(800) == pytest.approx(0.01) and f(899) == pytest.approx(0.01)
@@ -144,3 +150,28 @@ def test_a_run_is_reused_only_with_the_same_teacher_weights(rd):
     cfg = dict(rd.PRESETS["powered"], teacher_lr=1e-3, teacher_seed=0, quick=False)
     assert rd.run_fingerprint({**cfg, "teacher_sha": rd.state_sha(a)}) != \
         rd.run_fingerprint({**cfg, "teacher_sha": rd.state_sha(b)})
+
+
+def test_fingerprints_and_teacher_cache_keys_do_not_move(rd):
+    """Finished runs and cached teachers are reused by these strings: a change of the code that computes them
+    would silently train everything again (or, worse, mix runs of other settings). The values are those of the
+    published powered runs (examples/results/deepforest_powered.runs) and of the other presets, with a fixed
+    stand-in teacher hash."""
+    def cfg(preset):
+        c = dict(rd.PRESETS[preset])
+        c.setdefault("optim", "adamw")
+        c.setdefault("held_out_rows", 512)
+        c.setdefault("teacher_lr", c["lr"])
+        c.update(preset=preset, teacher_seed=0, quick=preset == "quick", teacher_sha="0123456789ab")
+        return c
+
+    expected = {"powered": ("74536cae18b6", "b024887082"), "powered_terms": ("74536cae18b6", "b024887082"),
+                "powered_sgd": ("de650ce0ea8b", "b024887082"), "default": ("d2123bb3465b", "d7e372b629"),
+                "full": ("62049c83ded4", "d9f234d635"), "quick": ("00b0b86811f8", "4dec3b755a")}
+    for preset, (fingerprint, teacher_tag) in expected.items():
+        assert (rd.run_fingerprint(cfg(preset)), rd.teacher_tag(cfg(preset))) == (fingerprint, teacher_tag), preset
+    # the published powered runs' file names carry the fingerprint with the real teacher's weights hash
+    runs = ROOT / "examples" / "results" / "deepforest_powered.runs"
+    if runs.is_dir():
+        assert {p.name.split(".")[1] for p in runs.glob("*.json")} == {"6296fb76fdd7"}
+        assert rd.run_fingerprint({**cfg("powered"), "teacher_sha": "345dde695286"}) == "6296fb76fdd7"
