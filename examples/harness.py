@@ -185,7 +185,7 @@ def train(module: nn.Module, step: Callable[[int], Dict[str, Tensor]], iters: in
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: non-finite loss at iteration {i}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
+                                     f"{ {k: float(v.detach()) for k, v in losses.items()} }")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
