@@ -563,6 +563,43 @@ def test_nothing_of_gradient_size_outlives_backward(name):
     assert loss.grad_fn is not None  # the graph is still alive: it is not what freed the buffer
 
 
+def _custom_nodes(loss):
+    """The autograd nodes of the kernels' own Functions (their ctx objects) under ``loss``."""
+    seen, todo, found = set(), [loss.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.append(node)
+        todo += [nxt for nxt, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_no_tensor_is_stashed_on_the_autograd_context(name):
+    # Tensors kept for backward go through save_for_backward (checked for in-place changes, freed
+    # with the graph); a tensor set as a ctx attribute escapes both.
+    student, teacher = _small_pair(name)
+    nodes = _custom_nodes(_loss_cases()[name](student, teacher))
+    assert nodes, "no kernel Function in the graph"
+
+    def tensors_in(value):
+        if isinstance(value, torch.Tensor):
+            return 1
+        if isinstance(value, (tuple, list)):
+            return sum(tensors_in(v) for v in value)
+        if isinstance(value, dict):
+            return sum(tensors_in(v) for v in value.values())
+        return 0
+
+    for node in nodes:
+        stashed = {k: type(v).__name__ for k, v in vars(node).items() if tensors_in(v)}
+        assert not stashed, f"{type(node).__name__} keeps tensors as ctx attributes: {stashed}"
+        assert node.saved_tensors  # what it keeps, it keeps through save_for_backward
+
+
 _COPY_OPS = ("aten._to_copy", "aten.copy_", "aten.clone", "aten.contiguous")
 
 
