@@ -1,4 +1,6 @@
-"""Helpers shared by the kernel modules: layout checks, the launch helper, the partial-sum kernel."""
+"""Helpers shared by the kernel modules: layout and input checks, the launch helper, the level-slot
+table (packed on the host by :func:`launch_levels`, decoded in the kernels by :func:`level_slot`),
+the program-index split of tiled kernels and the partial-sum kernel."""
 from __future__ import annotations
 
 import contextlib
@@ -174,18 +176,14 @@ def launch_levels(kernel, ref: Tensor, slots: Sequence[Slot], head: Callable[[in
 
 
 @triton.jit
-def level_slot(pid, e0, e1, e2, e3, e4, e5):
-    """``(slot, local)``: the slot whose program range holds ``pid`` and ``pid``'s index in it.
+def level_slot(pid, start, end):
+    """``(mine, local)``: whether program ``pid`` belongs to the level owning programs ``[start, end)``,
+    and its index among that level's programs.
 
-    Level ``i`` owns programs ``[e_{i-1}, e_i)``. The ends never decrease, so the owner is the
-    number of ends ``<= pid`` (a level without programs repeats the end before it and is
-    skipped) and its range starts at the largest of them.
+    Level ``i`` owns programs ``[e_{i-1}, e_i)`` (``e_{-1} = 0``); an unused slot repeats the end
+    before it, so its range is empty and exactly one level claims each program.
     """
-    slot = ((pid >= e0).to(tl.int32) + (pid >= e1).to(tl.int32) + (pid >= e2).to(tl.int32)
-            + (pid >= e3).to(tl.int32) + (pid >= e4).to(tl.int32) + (pid >= e5).to(tl.int32))
-    first = tl.where(pid >= e4, e4, tl.where(pid >= e3, e3, tl.where(pid >= e2, e2,
-                     tl.where(pid >= e1, e1, tl.where(pid >= e0, e0, 0)))))
-    return slot, pid - first
+    return (pid >= start) & (pid < end), pid - start
 
 
 @triton.jit

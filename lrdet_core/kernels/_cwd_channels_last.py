@@ -124,23 +124,28 @@ def _cwd_cl_kernel(stats_ptr, nk_ptr, w_ptr, lse_ptr, go_ptr, inv_tau, chunk, km
     go = 1.0
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
-    slot, local = level_slot(pid, e0, e1, e2, e3, e4, e5)
-    if slot == 0:
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
         _cl_block(s0, t0, g0, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C0, HW0, K0, r0, chunk, kmax,
                   rows, w0, v0, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if slot == 1:
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
         _cl_block(s1, t1, g1, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C1, HW1, K1, r1, chunk, kmax,
                   rows, w1, v1, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if slot == 2:
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
         _cl_block(s2, t2, g2, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C2, HW2, K2, r2, chunk, kmax,
                   rows, w2, v2, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if slot == 3:
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
         _cl_block(s3, t3, g3, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C3, HW3, K3, r3, chunk, kmax,
                   rows, w3, v3, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if slot == 4:
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
         _cl_block(s4, t4, g4, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C4, HW4, K4, r4, chunk, kmax,
                   rows, w4, v4, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if slot == 5:
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
         _cl_block(s5, t5, g5, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C5, HW5, K5, r5, chunk, kmax,
                   rows, w5, v5, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
 

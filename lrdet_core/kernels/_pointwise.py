@@ -72,18 +72,23 @@ def _pointwise_kernel(part_ptr, go_ptr,
     go = 1.0
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
-    slot, local = level_slot(pid, e0, e1, e2, e3, e4, e5)
-    if slot == 0:
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
         _pointwise_block(s0, t0, g0, part_ptr, go, pid, local, n0, w0, BLOCK, ABS, GRAD)
-    if slot == 1:
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
         _pointwise_block(s1, t1, g1, part_ptr, go, pid, local, n1, w1, BLOCK, ABS, GRAD)
-    if slot == 2:
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
         _pointwise_block(s2, t2, g2, part_ptr, go, pid, local, n2, w2, BLOCK, ABS, GRAD)
-    if slot == 3:
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
         _pointwise_block(s3, t3, g3, part_ptr, go, pid, local, n3, w3, BLOCK, ABS, GRAD)
-    if slot == 4:
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
         _pointwise_block(s4, t4, g4, part_ptr, go, pid, local, n4, w4, BLOCK, ABS, GRAD)
-    if slot == 5:
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
         _pointwise_block(s5, t5, g5, part_ptr, go, pid, local, n5, w5, BLOCK, ABS, GRAD)
 
 

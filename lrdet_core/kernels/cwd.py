@@ -164,18 +164,23 @@ def _cwd_kernel(part_ptr, lse_ptr, go_ptr, inv_tau,
     go = 1.0
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
-    slot, row = level_slot(pid, e0, e1, e2, e3, e4, e5)
-    if slot == 0:
+    mine, row = level_slot(pid, 0, e0)
+    if mine:
         _cwd_row(s0, t0, g0, part_ptr, lse_ptr, go, pid, row, C0, HW0, w0, v0, inv_tau, BLOCK, GRAD)
-    if slot == 1:
+    mine, row = level_slot(pid, e0, e1)
+    if mine:
         _cwd_row(s1, t1, g1, part_ptr, lse_ptr, go, pid, row, C1, HW1, w1, v1, inv_tau, BLOCK, GRAD)
-    if slot == 2:
+    mine, row = level_slot(pid, e1, e2)
+    if mine:
         _cwd_row(s2, t2, g2, part_ptr, lse_ptr, go, pid, row, C2, HW2, w2, v2, inv_tau, BLOCK, GRAD)
-    if slot == 3:
+    mine, row = level_slot(pid, e2, e3)
+    if mine:
         _cwd_row(s3, t3, g3, part_ptr, lse_ptr, go, pid, row, C3, HW3, w3, v3, inv_tau, BLOCK, GRAD)
-    if slot == 4:
+    mine, row = level_slot(pid, e3, e4)
+    if mine:
         _cwd_row(s4, t4, g4, part_ptr, lse_ptr, go, pid, row, C4, HW4, w4, v4, inv_tau, BLOCK, GRAD)
-    if slot == 5:
+    mine, row = level_slot(pid, e4, e5)
+    if mine:
         _cwd_row(s5, t5, g5, part_ptr, lse_ptr, go, pid, row, C5, HW5, w5, v5, inv_tau, BLOCK, GRAD)
 
 

@@ -118,23 +118,28 @@ def _fgd_stats_kernel(pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr,
     # Programs are laid out level after level (see level_slot), each owning BLOCK_HW pixels of one
     # sample and looping over all channels.
     pid = tl.program_id(0)
-    slot, local = level_slot(pid, e0, e1, e2, e3, e4, e5)
-    if slot == 0:
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
         _fgd_stats_block(s0, t0, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C0, HW0, nb0, po0, co0,
                          BLOCK_C, BLOCK_HW, CL)
-    if slot == 1:
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
         _fgd_stats_block(s1, t1, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C1, HW1, nb1, po1, co1,
                          BLOCK_C, BLOCK_HW, CL)
-    if slot == 2:
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
         _fgd_stats_block(s2, t2, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C2, HW2, nb2, po2, co2,
                          BLOCK_C, BLOCK_HW, CL)
-    if slot == 3:
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
         _fgd_stats_block(s3, t3, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C3, HW3, nb3, po3, co3,
                          BLOCK_C, BLOCK_HW, CL)
-    if slot == 4:
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
         _fgd_stats_block(s4, t4, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C4, HW4, nb4, po4, co4,
                          BLOCK_C, BLOCK_HW, CL)
-    if slot == 5:
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
         _fgd_stats_block(s5, t5, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C5, HW5, nb5, po5, co5,
                          BLOCK_C, BLOCK_HW, CL)
 
@@ -185,23 +190,28 @@ def _fgd_focal_kernel(pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
     # One partial of L_fg and one of L_bg per program (program id = partial index).
     pid = tl.program_id(0)
-    slot, local = level_slot(pid, e0, e1, e2, e3, e4, e5)
-    if slot == 0:
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
         _fgd_focal_block(s0, t0, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C0, HW0, nb0,
                          po0, co0, BLOCK_C, BLOCK_HW, CL)
-    if slot == 1:
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
         _fgd_focal_block(s1, t1, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C1, HW1, nb1,
                          po1, co1, BLOCK_C, BLOCK_HW, CL)
-    if slot == 2:
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
         _fgd_focal_block(s2, t2, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C2, HW2, nb2,
                          po2, co2, BLOCK_C, BLOCK_HW, CL)
-    if slot == 3:
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
         _fgd_focal_block(s3, t3, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C3, HW3, nb3,
                          po3, co3, BLOCK_C, BLOCK_HW, CL)
-    if slot == 4:
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
         _fgd_focal_block(s4, t4, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C4, HW4, nb4,
                          po4, co4, BLOCK_C, BLOCK_HW, CL)
-    if slot == 5:
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
         _fgd_focal_block(s5, t5, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C5, HW5, nb5,
                          po5, co5, BLOCK_C, BLOCK_HW, CL)
 
@@ -237,23 +247,28 @@ def _fgd_backward_kernel(f_ptr, ga_ptr, act_ptr, gb_ptr,
                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
     # f, ga and gb already carry the weights and the three grad_outputs.
     pid = tl.program_id(0)
-    slot, local = level_slot(pid, e0, e1, e2, e3, e4, e5)
-    if slot == 0:
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
         _fgd_backward_block(s0, t0, g0, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C0, HW0, nb0, po0, co0,
                             BLOCK_C, BLOCK_HW, CL)
-    if slot == 1:
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
         _fgd_backward_block(s1, t1, g1, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C1, HW1, nb1, po1, co1,
                             BLOCK_C, BLOCK_HW, CL)
-    if slot == 2:
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
         _fgd_backward_block(s2, t2, g2, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C2, HW2, nb2, po2, co2,
                             BLOCK_C, BLOCK_HW, CL)
-    if slot == 3:
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
         _fgd_backward_block(s3, t3, g3, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C3, HW3, nb3, po3, co3,
                             BLOCK_C, BLOCK_HW, CL)
-    if slot == 4:
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
         _fgd_backward_block(s4, t4, g4, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C4, HW4, nb4, po4, co4,
                             BLOCK_C, BLOCK_HW, CL)
-    if slot == 5:
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
         _fgd_backward_block(s5, t5, g5, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C5, HW5, nb5, po5, co5,
                             BLOCK_C, BLOCK_HW, CL)
 
