@@ -79,16 +79,17 @@ def make_loss(loss: str, backend: str, levels, n, device) -> Callable:
     """
     try:
         import lrdet_core.losses as L
-        from lrdet_core.losses._common import compiled, load_kernel
-        from lrdet_core.losses.fgd import _fgd_focal_attention_eager
+        from lrdet_core.losses._common import compiled
+        from lrdet_core.losses.fgd import _fgd_focal_attention_eager, _fgd_focal_attention_kernel
     except ImportError:  # the losses package is missing: fall back to a local eager version
         return make_local_loss(loss, backend, levels, n, device)
     if loss == "fgd":
         # FGD's GcBlock term is eager on every backend and is left out so the rows compare like with like.
         masks = _fgd_masks(n, levels, device)
         if backend == "triton":
-            kernel = load_kernel("fgd", "fgd_focal_attention_triton")
-            return lambda S, T: sum(sum(kernel(s, t, fg, bg, 0.5)) for s, t, (fg, bg) in zip(S, T, masks))
+            kernel = _fgd_focal_attention_kernel()  # fgd_focal_attention_triton, imported as the loss imports it
+            # One call per level, as the eager rows: the per-level cost of the fused terms.
+            return lambda S, T: sum(sum(kernel([s], [t], [fg], [bg], 0.5)) for s, t, (fg, bg) in zip(S, T, masks))
         fn = _fgd_focal_attention_eager if backend == "torch" else compiled(_fgd_focal_attention_eager)
         return lambda S, T: sum(sum(fn(s, t, fg, bg, 0.5, torch.float32)) for s, t, (fg, bg) in zip(S, T, masks))
     module = {"mse": L.MSELoss, "l1": L.L1Loss, "cwd": L.CWDLoss}[loss](backend=backend)
@@ -96,20 +97,20 @@ def make_loss(loss: str, backend: str, levels, n, device) -> Callable:
 
 
 def make_local_loss(loss, backend, levels, n, device):
-    def mse(S, T):
+    def mse_loss(S, T):
         return sum(((s.float() - t.float()) ** 2).sum() for s, t in zip(S, T))
 
-    def l1(S, T):
+    def l1_loss(S, T):
         return sum((s.float() - t.float()).abs().sum() for s, t in zip(S, T))
 
-    def cwd(S, T):
+    def cwd_loss(S, T):
         out = 0
         for s, t in zip(S, T):
             ls, lt = torch.log_softmax(s.float().flatten(2), -1), torch.log_softmax(t.float().flatten(2), -1)
             out = out + (lt.exp() * (lt - ls)).sum() / (s.shape[0] * s.shape[1])
         return out
 
-    fn = {"mse": mse, "l1": l1, "cwd": cwd}[loss]
+    fn = {"mse": mse_loss, "l1": l1_loss, "cwd": cwd_loss}[loss]
     return torch.compile(fn) if backend == "compile" else fn
 
 

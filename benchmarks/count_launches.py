@@ -39,6 +39,7 @@ sys.path.insert(0, ROOT)
 
 from lrdet_core.kernels import _common, _cwd_channels_last, _pointwise, cwd, fgd  # noqa: E402
 from lrdet_core.losses import _common as losses_common  # noqa: E402
+from lrdet_core.losses import fgd as losses_fgd  # noqa: E402
 from lrdet_core.losses import CWDLoss, FGDLoss, L1Loss, MSELoss  # noqa: E402
 
 RETINANET = ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11))
@@ -130,13 +131,12 @@ def launches(loss: str, n: int, c: int = 256, levels=RETINANET) -> Dict[str, int
     module = _module(loss, c, dev, len(levels))
     counter = _Counter()
     out: Dict[str, int] = {}
-    fgd_module = sys.modules["lrdet_core.losses.fgd"]  # the package exports a function of that name
-    real_no_autocast = fgd_module.no_autocast
-    fgd_module.no_autocast = lambda x: contextlib.nullcontext()  # autocast has no meta device; launches nothing
+    real_no_autocast = losses_fgd.no_autocast
+    losses_fgd.no_autocast = lambda x: contextlib.nullcontext()  # autocast has no meta device; launches nothing
     try:
         _count(module, loss, student, teacher, ctx, counter, out)
     finally:
-        fgd_module.no_autocast = real_no_autocast
+        losses_fgd.no_autocast = real_no_autocast
     return out
 
 

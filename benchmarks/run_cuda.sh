@@ -8,7 +8,7 @@
 # of time is reported and the next one still runs. Output: JSON and markdown in $OUT when it is set
 # (at most 8 files: the device tool brings back no more), else benchmarks/results/cuda_<gpu>_*:
 #   <p>_summary.md  <p>_run.log  <p>_tests.xml  <p>_tests.txt  <p>_losses.{json,md}  <p>_step.{json,md}
-# Needs python3 with torch, triton, torchvision, einops, pytest; installs nothing. Exit status: 0 when
+# Needs python3 with torch, triton, torchvision, pytest; installs nothing. Exit status: 0 when
 # every stage passed, 1 when one failed or timed out, 2 when CUDA is absent (without --rehearse).
 # Budgets in seconds can be overridden: LRDET_BUDGET_TESTS, LRDET_BUDGET_LOSSES, LRDET_BUDGET_STEP.
 set -u -o pipefail

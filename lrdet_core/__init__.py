@@ -1,6 +1,6 @@
 """lrdet-core: better detectors on low-resolution images, distilled from a high-resolution teacher.
 
-The core imports only torch (and einops); torchvision and triton are imported only where used.
+The core imports only torch; torchvision and triton are imported only where used.
 
 Example:
     >>> from lrdet_core import BridgeDistiller, SplitPoints

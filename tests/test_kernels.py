@@ -68,8 +68,8 @@ def _f64_grads(fn, student, teacher):
 
 # --------------------------------------------------------------------------------- MSE, L1
 
-POINTWISE = {"mse": (mse.mse_triton, reference.ref_mse, lambda d: d * d),
-             "l1": (l1.l1_triton, reference.ref_l1, lambda d: d.abs())}
+POINTWISE = {"mse": (mse.mse_loss_triton, reference.ref_mse, lambda d: d * d),
+             "l1": (l1.l1_loss_triton, reference.ref_l1, lambda d: d.abs())}
 
 
 @pytest.mark.parametrize("name", sorted(POINTWISE))
@@ -91,7 +91,7 @@ def test_pointwise_matches_reference(name, reduction, dtype, channels_last):
 
 def test_l1_gradient_is_zero_where_equal():
     s = torch.tensor([[[[1.0, 2.0, 3.0]]]], requires_grad=True)
-    l1.l1_triton([s], [torch.tensor([[[[1.0, 0.0, 5.0]]]])]).backward()
+    l1.l1_loss_triton([s], [torch.tensor([[[[1.0, 0.0, 5.0]]]])]).backward()
     assert s.grad.flatten().tolist() == [0.0, 1.0, -1.0]
 
 
@@ -150,7 +150,7 @@ def test_cwd_level_groups_with_upstream_weight(count, block, channels_last):
     if channels_last:
         student = [s.detach().to(memory_format=torch.channels_last).requires_grad_() for s in student]
         teacher = [t.to(memory_format=torch.channels_last) for t in teacher]
-    loss = cwd.cwd_triton(student, teacher, tau=1.5, block=block)
+    loss = cwd.cwd_loss_triton(student, teacher, tau=1.5, block=block)
     expected = sum(reference.ref_cwd(s, t, 1.5) for s, t in zip(student, teacher))
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     weight = torch.rand((), generator=torch.Generator().manual_seed(count)) + 0.5  # a random upstream weight
@@ -188,7 +188,7 @@ def _cwd64(student, teacher, tau):
 def test_cwd_matches_reference(dtype, channels_last, block):
     # block=16 walks every level (rows of 15 to 273 cells) except 3x5 in chunks (channels_last: 32-cell chunks).
     student, teacher = _levels(dtype, channels_last, scale=3.0)
-    loss = cwd.cwd_triton(student, teacher, tau=2.0, block=block)
+    loss = cwd.cwd_loss_triton(student, teacher, tau=2.0, block=block)
     expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
     rtol, atol = TOL[dtype]["loss"]
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
@@ -205,7 +205,7 @@ def test_cwd_block_per_level_launches():
     teacher = [torch.randn(sh, generator=g) * 2 for sh in shapes]
     plan = cwd.launch_plan([sh[2] * sh[3] for sh in shapes], None)
     assert [b for b, _ in plan] == [4096, 1024, 256] and plan[2][1] == [1, 3]
-    loss = cwd.cwd_triton(student, teacher, tau=2.0)
+    loss = cwd.cwd_loss_triton(student, teacher, tau=2.0)
     expected = sum(reference.ref_cwd(s, t, 2.0) for s, t in zip(student, teacher))
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     (loss * 1.7).backward()
@@ -215,7 +215,7 @@ def test_cwd_block_per_level_launches():
 @pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
 def test_cwd_huge_logits_finite(block):
     student, teacher = _levels(torch.float32, scale=1e4)
-    loss = cwd.cwd_triton(student, teacher, block=block)
+    loss = cwd.cwd_loss_triton(student, teacher, block=block)
     loss.backward()
     expected = sum(reference.ref_cwd(s, t) for s, t in zip(student, teacher))
     assert torch.isfinite(loss) and all(torch.isfinite(s.grad).all() for s in student)
@@ -225,7 +225,7 @@ def test_cwd_huge_logits_finite(block):
 def test_cwd_teacher_constant():
     student, teacher = _levels(torch.float32)
     teacher = [t.requires_grad_() for t in teacher]
-    cwd.cwd_triton(student, teacher).backward()
+    cwd.cwd_loss_triton(student, teacher).backward()
     assert all(t.grad is None for t in teacher)
 
 
@@ -278,7 +278,7 @@ def _fgd64(s, t, fg, bg, temp):
                          ids=["last_layer", "times_2", "unequal"])
 def test_fgd_matches_reference(dtype, channels_last, go):
     s, t, fg, bg = _fgd_inputs(dtype, channels_last)
-    out = fgd.fgd_focal_attention_triton(s, t, fg, bg, temp=0.5)
+    out = fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], temp=0.5)
     expected = _fgd_ref_terms(s, t, fg, bg, 0.5)
     rtol, atol = TOL[dtype]["loss"]
     for got, exp in zip(out, expected):
@@ -305,9 +305,9 @@ def _randomize(block, seed):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_fgd_triton_dispatch_all_four_terms(monkeypatch, channels_last):
-    # Through lrdet_core.losses.fgd(backend="triton"): focal and attention terms in the kernel, the
+    # Through lrdet_core.losses.fgd_loss(backend="triton"): focal and attention terms in the kernel, the
     # global term eagerly; every weight non-zero and of a different size, so a dropped term shows.
-    from lrdet_core.losses import GcBlock, fgd as fgd_loss
+    from lrdet_core.losses import GcBlock, fgd_loss
     from lrdet_core.losses import _common as losses_common
 
     monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
@@ -376,15 +376,15 @@ def test_fgd_loss_all_levels_in_each_launch_match_reference(monkeypatch, layout)
 
 def test_fgd_weights_scale_terms_and_gradient():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
-    plain = fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)
+    plain = fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], 0.5)
     sum(plain).backward()
     s2 = s.detach().clone().requires_grad_()
-    weighted = fgd.fgd_focal_attention_triton(s2, t, fg, bg, 0.5, weights=(2.0, 3.0, 4.0))
+    weighted = fgd.fgd_focal_attention_triton([s2], [t], [fg], [bg], 0.5, weights=(2.0, 3.0, 4.0))
     for a, b, w in zip(plain, weighted, (2.0, 3.0, 4.0)):
         torch.testing.assert_close(b, w * a)
     sum(weighted).backward()
     s3 = s.detach().clone().requires_grad_()
-    out3 = fgd.fgd_focal_attention_triton(s3, t, fg, bg, 0.5)
+    out3 = fgd.fgd_focal_attention_triton([s3], [t], [fg], [bg], 0.5)
     (2 * out3[0] + 3 * out3[1] + 4 * out3[2]).backward()  # recompute path gives the same gradient
     torch.testing.assert_close(s2.grad, s3.grad, rtol=1e-5, atol=1e-6)
 
@@ -393,7 +393,7 @@ def test_fgd_teacher_and_masks_constant():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     t.requires_grad_()
     fg.requires_grad_()
-    sum(fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)).backward()
+    sum(fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], 0.5)).backward()
     assert t.grad is None and fg.grad is None and s.grad is not None
 
 
@@ -404,12 +404,14 @@ def _loss_cases():
     def fgd_call(S, T):
         s, t = S[0], T[0]
         fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 40.0, 30.0]])] * s.shape[0], (56, 88), 8, (7, 11))
-        return sum(fgd.fgd_focal_attention_triton(s, t, fg.float(), bg.float(), 0.5, weights=(1e-3, 5e-4, 5e-4)))
+        return sum(fgd.fgd_focal_attention_triton([s], [t], [fg.float()], [bg.float()], 0.5,
+                                                  weights=(1e-3, 5e-4, 5e-4)))
 
-    return {"mse": lambda S, T: mse.mse_triton(S, T), "mse_mean": lambda S, T: mse.mse_triton(S, T, "mean"),
-            "l1": lambda S, T: l1.l1_triton(S, T), "l1_mean": lambda S, T: l1.l1_triton(S, T, "mean"),
-            "cwd": lambda S, T: cwd.cwd_triton(S, T), "cwd_chunked": lambda S, T: cwd.cwd_triton(S, T, block=16),
-            "cwd_nhwc": lambda S, T: cwd.cwd_triton([_nhwc(s) for s in S], [_nhwc(t) for t in T], block=32),
+    return {"mse": lambda S, T: mse.mse_loss_triton(S, T), "mse_mean": lambda S, T: mse.mse_loss_triton(S, T, "mean"),
+            "l1": lambda S, T: l1.l1_loss_triton(S, T), "l1_mean": lambda S, T: l1.l1_loss_triton(S, T, "mean"),
+            "cwd": lambda S, T: cwd.cwd_loss_triton(S, T),
+            "cwd_chunked": lambda S, T: cwd.cwd_loss_triton(S, T, block=16),
+            "cwd_nhwc": lambda S, T: cwd.cwd_loss_triton([_nhwc(s) for s in S], [_nhwc(t) for t in T], block=32),
             "fgd": fgd_call}
 
 
@@ -430,9 +432,9 @@ def _small_pair(name, dtype=torch.float32, seed=0):
 
 # Sizes where the unit-scale gradient lies below fp16's normal range (6.1e-5): mean reductions
 # over 491,520 elements (1/n not a power of two), CWD over 4096-cell rows, FGD with the RetinaNet preset weights.
-FP16_CASES = {"mse_mean": ((2, 15, 128, 128), lambda S, T: mse.mse_triton(S, T, "mean")),
-              "l1_mean": ((2, 15, 128, 128), lambda S, T: l1.l1_triton(S, T, "mean")),
-              "cwd": ((2, 4, 64, 64), lambda S, T: cwd.cwd_triton(S, T)),
+FP16_CASES = {"mse_mean": ((2, 15, 128, 128), lambda S, T: mse.mse_loss_triton(S, T, "mean")),
+              "l1_mean": ((2, 15, 128, 128), lambda S, T: l1.l1_loss_triton(S, T, "mean")),
+              "cwd": ((2, 4, 64, 64), lambda S, T: cwd.cwd_loss_triton(S, T)),
               "fgd": ((2, 8, 32, 64), None)}
 LOSS_SCALE = 65536.0
 
@@ -440,7 +442,8 @@ LOSS_SCALE = 65536.0
 def _fgd_fp16(S, T):
     n, _, h, w = S[0].shape
     fg, bg = reference.ref_fgd_masks([torch.tensor([[8.0, 8.0, 200.0, 120.0]])] * n, (h * 8, w * 8), 8, (h, w))
-    return sum(fgd.fgd_focal_attention_triton(S[0], T[0], fg.float(), bg.float(), 0.5, weights=(1e-3, 5e-4, 5e-4)))
+    return sum(fgd.fgd_focal_attention_triton(S[:1], T[:1], [fg.float()], [bg.float()], 0.5,
+                                              weights=(1e-3, 5e-4, 5e-4)))
 
 
 @pytest.mark.parametrize("name", sorted(FP16_CASES))
@@ -560,6 +563,43 @@ def test_nothing_of_gradient_size_outlives_backward(name):
     assert loss.grad_fn is not None  # the graph is still alive: it is not what freed the buffer
 
 
+def _custom_nodes(loss):
+    """The autograd nodes of the kernels' own Functions (their ctx objects) under ``loss``."""
+    seen, todo, found = set(), [loss.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.append(node)
+        todo += [nxt for nxt, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_no_tensor_is_stashed_on_the_autograd_context(name):
+    # Tensors kept for backward go through save_for_backward (checked for in-place changes, freed
+    # with the graph); a tensor set as a ctx attribute escapes both.
+    student, teacher = _small_pair(name)
+    nodes = _custom_nodes(_loss_cases()[name](student, teacher))
+    assert nodes, "no kernel Function in the graph"
+
+    def tensors_in(value):
+        if isinstance(value, torch.Tensor):
+            return 1
+        if isinstance(value, (tuple, list)):
+            return sum(tensors_in(v) for v in value)
+        if isinstance(value, dict):
+            return sum(tensors_in(v) for v in value.values())
+        return 0
+
+    for node in nodes:
+        stashed = {k: type(v).__name__ for k, v in vars(node).items() if tensors_in(v)}
+        assert not stashed, f"{type(node).__name__} keeps tensors as ctx attributes: {stashed}"
+        assert node.saved_tensors  # what it keeps, it keeps through save_for_backward
+
+
 _COPY_OPS = ("aten._to_copy", "aten.copy_", "aten.clone", "aten.contiguous")
 
 
@@ -570,7 +610,7 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lrdet_core.losses import _common as losses_common
-    from lrdet_core.losses import cwd as cwd_loss, l1 as l1_loss, mse as mse_loss
+    from lrdet_core.losses import cwd_loss, l1_loss, mse_loss
 
     monkeypatch.setattr(losses_common, "_is_cuda", lambda x: True)
     for mod, attr in _kernel_objects():
@@ -595,8 +635,8 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
     calls = {"mse": lambda: mse_loss(s, t, backend="triton"), "l1": lambda: l1_loss(s, t, backend="triton"),
              "cwd": lambda: cwd_loss(s, t, backend="triton"),
              # the focal/attention kernel behind the dispatch (FGD's global term is eager fp32 by design)
-             "fgd": lambda: sum(fgd.fgd_focal_attention_triton(*losses_common.triton_inputs(s, t), fg.float(),
-                                                               bg.float(), 0.5))}
+             "fgd": lambda: sum(fgd.fgd_focal_attention_triton(*[[x] for x in losses_common.triton_inputs(s, t)],
+                                                               [fg.float()], [bg.float()], 0.5))}
     with Watch():
         calls[name]().backward()
     assert s.grad is not None and s.grad.dtype == torch.bfloat16
@@ -654,10 +694,10 @@ def test_fgd_masks_ops_do_not_grow_with_levels():
 def _run_all(seed):
     student, teacher = _levels(torch.float32, seed=seed)
     s, t, fg, bg = _fgd_inputs(torch.float32, False, seed=seed)
-    results = [mse.mse_triton(student, teacher), l1.l1_triton(student, teacher),
-               cwd.cwd_triton(student, teacher), cwd.cwd_triton(student, teacher, block=16)]
+    results = [mse.mse_loss_triton(student, teacher), l1.l1_loss_triton(student, teacher),
+               cwd.cwd_loss_triton(student, teacher), cwd.cwd_loss_triton(student, teacher, block=16)]
     (sum(results) * 3).backward()
-    fgd_out = fgd.fgd_focal_attention_triton(s, t, fg, bg, 0.5)
+    fgd_out = fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], 0.5)
     (fgd_out[0] + 2 * fgd_out[1] + fgd_out[2]).backward()
     return [r.detach() for r in results] + [o.detach() for o in fgd_out] + [x.grad for x in student] + [s.grad]
 
@@ -669,22 +709,53 @@ def test_bitwise_deterministic():
 
 def test_one_backward_per_forward():
     student, teacher = _levels(torch.float32)
-    loss = mse.mse_triton(student, teacher)
+    loss = mse.mse_loss_triton(student, teacher)
     loss.backward(retain_graph=True)
     with pytest.raises(LossError, match="one backward pass"):
         loss.backward()
 
 
-@pytest.mark.parametrize("fn", [mse.mse_triton, l1.l1_triton, cwd.cwd_triton])
+@pytest.mark.parametrize("fn", [mse.mse_loss_triton, l1.l1_loss_triton, cwd.cwd_loss_triton])
 def test_shape_mismatch_names_both_shapes(fn):
     with pytest.raises(LossError, match=r"\(1, 2, 3, 4\) and \(1, 2, 3, 5\)"):
         fn([torch.zeros(1, 2, 3, 4)], [torch.zeros(1, 2, 3, 5)])
 
 
+def _fgd_old_call(s, t):
+    # The single-level call of earlier versions: one tensor per argument instead of lists of levels.
+    n, _, h, w = s.shape
+    return fgd.fgd_focal_attention_triton(s, t, torch.zeros(n, h, w), torch.zeros(n, h, w), 0.5)
+
+
+@pytest.mark.parametrize("fn", [mse.mse_loss_triton, l1.l1_loss_triton, cwd.cwd_loss_triton, _fgd_old_call],
+                         ids=["mse", "l1", "cwd", "fgd"])
+def test_a_lone_tensor_is_not_taken_for_a_list_of_levels(fn):
+    # Iterating an N x C x H x W tensor would make each image a level (and "mean" average per image).
+    with pytest.raises(LossError, match=r"expected student to be a list of levels, but got a tensor of shape "
+                                        r"\(2, 3, 4, 5\); pass one level as \[student\]"):
+        fn(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5))
+
+
+#: loss -> (the loss module's kernel loader, the kernel module's function): one name per loss.
+KERNEL_FUNCTIONS = {"mse": ("_mse_loss_kernel", "mse_loss_triton"), "l1": ("_l1_loss_kernel", "l1_loss_triton"),
+                    "cwd": ("_cwd_loss_kernel", "cwd_loss_triton"),
+                    "fgd": ("_fgd_focal_attention_kernel", "fgd_focal_attention_triton")}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_FUNCTIONS))
+def test_each_loss_imports_its_kernel_function_by_its_one_name(name):
+    loader, function = KERNEL_FUNCTIONS[name]
+    loss_module = importlib.import_module(f"lrdet_core.losses.{name}")
+    kernel_module = {"mse": mse, "l1": l1, "cwd": cwd, "fgd": fgd}[name]
+    assert getattr(loss_module, loader)() is getattr(kernel_module, function)
+    # The names of earlier versions are gone, not kept as aliases.
+    assert not any(hasattr(kernel_module, old) for old in (f"{name}_triton", "fgd_levels_triton"))
+
+
 def test_fgd_mask_shape_error():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     with pytest.raises(LossError, match="fg_mask"):
-        fgd.fgd_focal_attention_triton(s, t, fg[:, :3], bg, 0.5)
+        fgd.fgd_focal_attention_triton([s], [t], [fg[:, :3]], [bg], 0.5)
 
 
 def test_package_imports_do_not_import_triton():

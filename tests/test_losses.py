@@ -12,7 +12,8 @@ from torch import nn
 from lrdet_core.context import DistillContext
 from lrdet_core.errors import LossError
 from lrdet_core.losses import (FGD_PRESETS, LOSSES, RECOMMENDED_ALPHA, CWDLoss, FGDLoss, GcBlock, L1Loss,
-                               MSELoss, build_loss, cwd, fgd, fgd_global, fgd_masks, fgd_terms, l1, mse)
+                               MSELoss, build_loss, cwd_loss, fgd_global, fgd_loss, fgd_masks, fgd_terms, l1_loss,
+                               mse_loss)
 from lrdet_core.losses.fgd import fgd_masks_levels
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
@@ -70,21 +71,21 @@ def close(actual, expected, rtol=RTOL32, atol=1e-6):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_mse_l1_match_reference(shape, reduction):
     s, t = pair(shape)
-    close(mse(s, t, reduction), ref.ref_mse(s, t, reduction))
-    close(l1(s, t, reduction), ref.ref_l1(s, t, reduction))
+    close(mse_loss(s, t, reduction), ref.ref_mse(s, t, reduction))
+    close(l1_loss(s, t, reduction), ref.ref_l1(s, t, reduction))
 
 
 def test_reduction_none_is_the_elementwise_map():
     s, t = pair((2, 3, 3, 5))
-    torch.testing.assert_close(mse(s, t, "none"), (s - t) ** 2)
-    torch.testing.assert_close(l1(s, t, "none"), (s - t).abs())
+    torch.testing.assert_close(mse_loss(s, t, "none"), (s - t) ** 2)
+    torch.testing.assert_close(l1_loss(s, t, "none"), (s - t).abs())
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tau", [1.0, 0.5, 4.0])
 def test_cwd_matches_reference(shape, tau):
     s, t = pair(shape, seed=1)
-    close(cwd(s, t, tau), ref.ref_cwd(s, t, tau))
+    close(cwd_loss(s, t, tau), ref.ref_cwd(s, t, tau))
 
 
 def test_modules_sum_levels():
@@ -117,7 +118,7 @@ def test_fgd_terms_match_reference(shape):
     for k in ("fg", "bg", "att", "glb"):
         close(got[k], want[k], rtol=1e-5)
     w = FGD_PRESETS["fcos"]
-    close(fgd(s, t, fg, bg, gs, gt, **w), ref.ref_fgd(s, t, fg, bg, gs, gt, **w))
+    close(fgd_loss(s, t, fg, bg, gs, gt, **w), ref.ref_fgd(s, t, fg, bg, gs, gt, **w))
 
 
 def test_fgd_module_matches_reference_over_levels():
@@ -137,8 +138,9 @@ def test_fgd_module_matches_reference_over_levels():
 # ------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("fn", [lambda s, t: mse(s, t), lambda s, t: mse(s, t, "mean"), lambda s, t: l1(s, t),
-                                lambda s, t: cwd(s, t, 0.7)], ids=["mse", "mse-mean", "l1", "cwd"])
+@pytest.mark.parametrize("fn", [lambda s, t: mse_loss(s, t), lambda s, t: mse_loss(s, t, "mean"),
+                                lambda s, t: l1_loss(s, t), lambda s, t: cwd_loss(s, t, 0.7)],
+                         ids=["mse", "mse-mean", "l1", "cwd"])
 def test_gradcheck_pointwise_and_cwd(fn):
     s, t = pair((2, 3, 3, 5), seed=5, dtype=torch.float64)
     s.requires_grad_(True)
@@ -157,14 +159,14 @@ def test_gradcheck_fgd_student_and_gcblocks():
         state = dict(zip(names, ps))
         gs = lambda y: torch.func.functional_call(blocks[0], {k[2:]: v for k, v in state.items() if k[0] == "0"}, (y,))  # noqa: E731
         gt = lambda y: torch.func.functional_call(blocks[1], {k[2:]: v for k, v in state.items() if k[0] == "1"}, (y,))  # noqa: E731
-        return fgd(x, t, fg.double(), bg.double(), gs, gt, **weights)
+        return fgd_loss(x, t, fg.double(), bg.double(), gs, gt, **weights)
 
     assert torch.autograd.gradcheck(f, (s.requires_grad_(True), *params))
 
 
 def test_l1_gradient_is_zero_where_equal():
     s = torch.randn(2, 3, 4, 5, requires_grad=True)
-    l1(s, s.detach().clone()).backward()
+    l1_loss(s, s.detach().clone()).backward()
     assert torch.count_nonzero(s.grad) == 0
 
 
@@ -282,7 +284,7 @@ def test_cwd_stays_finite_for_huge_logits_where_a_naive_one_does_not():
         return tau ** 2 / (a.shape[0] * a.shape[1]) * (p_t * (p_t.log() - p_s.log())).sum()
 
     assert not math.isfinite(naive(s, t).item())
-    got = cwd(s, t)
+    got = cwd_loss(s, t)
     got.backward()
     assert math.isfinite(got.item()) and torch.isfinite(s.grad).all()
     close(got, ref.ref_cwd(s, t), rtol=1e-5)
@@ -364,7 +366,7 @@ def test_fgd_edge_touching_boxes_match_authors_weight():
     gs, gt = randomize_(GcBlock(4), 22).double(), randomize_(GcBlock(4), 23).double()
     weights = dict(temp=0.5, alpha=1.0, beta=0.7, gamma=0.3, lam=0.2)
     s.requires_grad_(True)
-    got = fgd(s, t, fg.double(), bg.double(), gs, gt, **weights)
+    got = fgd_loss(s, t, fg.double(), bg.double(), gs, gt, **weights)
     close(got, ref.ref_fgd(s, t, rfg, rbg, gs, gt, **weights), rtol=1e-6, atol=0)
     got.backward()
     leaf = s.detach().clone().requires_grad_(True)
@@ -415,7 +417,7 @@ def test_error_mismatched_shape_names_level_and_shapes():
         with pytest.raises(LossError, match=msg):
             build_loss(name)(s, t, DistillContext.from_features(t, (64, 64)))
     with pytest.raises(LossError, match="4-D"):
-        mse(torch.zeros(3, 4), torch.zeros(3, 4))
+        mse_loss(torch.zeros(3, 4), torch.zeros(3, 4))
     with pytest.raises(LossError, match="list of N x C x H x W tensors"):
         MSELoss()({"p3": s[0]}, {"p3": t[0]})
 
@@ -442,11 +444,11 @@ def test_error_bad_reduction_backend_and_parameters():
     with pytest.raises(LossError, match=r"reduction to be one of 'sum', 'mean', but got 'none'"):
         MSELoss("none")
     with pytest.raises(LossError, match=r"reduction to be one of 'none', 'mean', 'sum', but got 'avg'"):
-        l1(*pair((1, 1, 2, 2)), reduction="avg")
+        l1_loss(*pair((1, 1, 2, 2)), reduction="avg")
     with pytest.raises(LossError, match=r"backend to be one of 'auto', 'torch', 'compile', 'triton', but got 'cuda'"):
         CWDLoss(backend="cuda")
     with pytest.raises(LossError, match="tau to be a positive"):
-        cwd(*pair((1, 1, 2, 2)), tau=0.0)
+        cwd_loss(*pair((1, 1, 2, 2)), tau=0.0)
     with pytest.raises(LossError, match=r"unknown FGD preset 'yolo'; expected one of 'retinanet', 'fcos', 'rcnn'"):
         FGDLoss("yolo")
     with pytest.raises(LossError, match=r"unknown FGD hyper-parameter\(s\) \['lambda'\]"):
@@ -491,6 +493,21 @@ def test_build_loss_names_objects_and_alphas():
     with pytest.raises(LossError, match="only apply to a loss given by name"):
         build_loss(module, reduction="sum")
     assert set(RECOMMENDED_ALPHA) == set(LOSSES) and RECOMMENDED_ALPHA["mse"] == 0.005
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "cwd", "fgd"])
+def test_one_name_per_loss_and_no_function_shadows_its_module(name):
+    # lrdet_core.losses.<name> is the module; it defines <name>_loss and the class registered as <name>,
+    # and no function of the module's own name (an alias would shadow the module again when re-exported).
+    import types
+
+    import lrdet_core.losses as losses
+
+    module = getattr(losses, name)
+    assert isinstance(module, types.ModuleType) and module.__name__ == f"lrdet_core.losses.{name}"
+    assert getattr(losses, f"{name}_loss") is getattr(module, f"{name}_loss")
+    assert LOSSES[name].__module__ == module.__name__
+    assert not hasattr(module, name)
 
 
 def test_import_pulls_in_neither_triton_nor_torchvision():
@@ -540,12 +557,10 @@ def fake_kernels(monkeypatch):
         return kernel
 
     fgd_out = lambda *a: (torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0))  # noqa: E731
-    for name, fn, out in (("mse", "mse_triton", torch.tensor(5.0)), ("l1", "l1_triton", torch.tensor(6.0)),
-                          ("cwd", "cwd_triton", torch.tensor(7.0)), ("fgd", "fgd_focal_attention_triton", fgd_out)):
+    for name, fn, out in (("mse", "mse_loss_triton", torch.tensor(5.0)), ("l1", "l1_loss_triton", torch.tensor(6.0)),
+                          ("cwd", "cwd_loss_triton", torch.tensor(7.0)), ("fgd", "fgd_focal_attention_triton", fgd_out)):
         module = types.ModuleType(f"lrdet_core.kernels.{name}")
         setattr(module, fn, record(name, out))
-        if name == "fgd":  # FGDLoss passes all levels to one call
-            module.fgd_levels_triton = record("fgd_levels", out)
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(common, "_is_cuda", lambda x: True)
     return calls
@@ -565,12 +580,12 @@ def test_triton_backend_calls_kernels_with_all_levels(fake_kernels):
     loss = FGDLoss(channels=[4, 4, 4], backend="triton", lam=0.0)
     assert loss(s, t, ctx).item() == 6.0  # one kernel call for all three levels
     name, (ss, ts, fgs, bgs, temp), kwargs = fake_kernels[-1]
-    assert name == "fgd_levels" and kwargs["weights"] == (1e-3, 5e-4, 5e-4) and temp == 0.5
+    assert name == "fgd" and kwargs["weights"] == (1e-3, 5e-4, 5e-4) and temp == 0.5
     assert len(ss) == len(ts) == len(fgs) == len(bgs) == 3 and ss[1] is s[1]
     assert fgs[2].shape == bgs[2].shape == (2, 2, 3)  # the masks of the last level
 
 
 def test_triton_backend_without_kernel_module_is_a_loss_error(fake_kernels, monkeypatch):
     monkeypatch.setitem(sys.modules, "lrdet_core.kernels.cwd", None)  # import raises ImportError
-    with pytest.raises(LossError, match=r"needs the kernel module lrdet_core.kernels.cwd.*backend='torch'"):
-        cwd(*pair((1, 2, 3, 5)), backend="triton")
+    with pytest.raises(LossError, match=r"needs the Triton kernels.*lrdet_core.kernels.cwd.*backend='torch'"):
+        cwd_loss(*pair((1, 2, 3, 5)), backend="triton")

@@ -10,7 +10,7 @@ from torch import nn
 
 from lrdet_core import (BridgeDistiller, InputError, LevelMatchError, NonFiniteError, SplitPointError,
                         SplitPoints, inherit_weights)
-from lrdet_core.losses import mse
+from lrdet_core.losses import mse_loss
 from tiny import TinyDetector, batch, faster_rcnn, retinanet
 
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
@@ -51,7 +51,7 @@ class _Recorder:
         self.calls = []
 
     def __call__(self, s, t, ctx):
-        value = sum(mse(a, b) for a, b in zip(s, t))
+        value = sum(mse_loss(a, b) for a, b in zip(s, t))
         self.calls.append({"s": [x.detach() for x in s], "t": [x.detach() for x in t], "ctx": ctx,
                            "value": value.detach()})
         return value
@@ -554,7 +554,7 @@ def test_alpha_auto_waits_for_a_positive_term_and_weighs_it_zero_meanwhile():
     values = iter([0.0, 3.0, 5.0])
 
     def loss(s, t, ctx):
-        return mse(s[0], t[0]) * 0 + next(values)  # 0 at the first step
+        return mse_loss(s[0], t[0]) * 0 + next(values)  # 0 at the first step
 
     d = _tiny(loss=loss, alpha="auto").train()
     d.materialize(*_tiny_batch())  # consumes 0.0 without measuring

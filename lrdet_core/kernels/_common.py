@@ -1,8 +1,10 @@
-"""Helpers shared by the kernel modules: layout checks, the launch helper, the partial-sum kernel."""
+"""Helpers shared by the kernel modules: layout and input checks, the launch helper, the level-slot
+table (packed on the host by :func:`launch_levels`, decoded in the kernels by :func:`level_slot`),
+the program-index split of tiled kernels and the partial-sum kernel."""
 from __future__ import annotations
 
 import contextlib
-from typing import List, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -109,6 +111,102 @@ def sum_partials(partials: Tensor) -> Tensor:
 def level_groups(n: int) -> List[range]:
     """Level indices split into launches of at most :data:`MAX_LEVELS`."""
     return [range(i, min(i + MAX_LEVELS, n)) for i in range(0, n, MAX_LEVELS)]
+
+
+# ------------------------------------------------------------- level slots (host and device)
+#
+# Every streaming kernel takes MAX_LEVELS "slots" of per-level arguments: a level's tensors, its
+# sizes, the end of its program range and its offsets. Programs are laid out level after level;
+# a program finds its level with :func:`level_slot`. The host side of that table is
+# :func:`launch_levels`.
+
+
+class Slot(NamedTuple):
+    """One level's arguments in a launch over several levels.
+
+    The kernel reads them as ``*tensors, *before, e_i, *after`` where ``e_i`` is the end of the
+    level's program range, filled in by :func:`launch_levels`.
+    """
+
+    programs: int  #: programs the level owns
+    tensors: tuple  #: its pointers (student, teacher and, in backward, gradient)
+    before: tuple = ()  #: numbers before the range end (sizes)
+    after: tuple = ()  #: numbers after it (weights, side-buffer offsets)
+
+
+def _zeros_like(values: tuple) -> list:
+    # Same Python types (int stays int, float stays float): the kernel's signature must not change.
+    return [type(v)(0) for v in values]
+
+
+def launch_levels(kernel, ref: Tensor, slots: Sequence[Slot], head: Callable[[int], Sequence], *,
+                  groups: Optional[Sequence[Sequence[int]]] = None, start: int = 0, **meta) -> int:
+    """Launch ``kernel`` over the levels in ``slots``: one launch per group of :data:`MAX_LEVELS`.
+
+    Args:
+        kernel: a Triton kernel taking ``*head(done)`` then :data:`MAX_LEVELS` slots.
+        ref: a tensor on the launch device (see :func:`launch`).
+        slots: one :class:`Slot` per level.
+        head: the leading arguments of a launch whose first program is ``done`` programs into
+            the call (buffers indexed by program id are sliced there).
+        groups: level indices per launch (default: :func:`level_groups`).
+        start: programs already launched by earlier calls into the same buffers.
+        **meta: constexprs and launch options (``num_warps``).
+
+    Returns:
+        ``start`` plus the programs launched. A group without programs is not launched; an
+        unused slot repeats the group's first tensors with zero sizes and an empty range.
+    """
+    done = start
+    for group in (level_groups(len(slots)) if groups is None else groups):
+        args: list = []
+        end = 0
+        for k in range(MAX_LEVELS):
+            if k < len(group):
+                slot = slots[group[k]]
+                end += slot.programs
+                args += [*slot.tensors, *slot.before, end, *slot.after]
+            else:
+                slot = slots[group[0]]
+                args += [*slot.tensors, *_zeros_like(slot.before), end, *_zeros_like(slot.after)]
+        if end:
+            launch(kernel, (end,), ref, *head(done), *args, **meta)
+        done += end
+    return done
+
+
+@triton.jit
+def level_slot(pid, start, end):
+    """``(mine, local)``: whether program ``pid`` belongs to the level owning programs ``[start, end)``,
+    and its index among that level's programs.
+
+    Level ``i`` owns programs ``[e_{i-1}, e_i)`` (``e_{-1} = 0``); an unused slot repeats the end
+    before it, so its range is empty and exactly one level claims each program.
+    """
+    return (pid >= start) & (pid < end), pid - start
+
+
+@triton.jit
+def split_program(local, n_inner, n_middle):
+    """``local`` -> ``(outer, middle, inner)`` for programs laid out outer, middle, inner (inner fastest)."""
+    inner = local % n_inner
+    rest = local // n_inner
+    return rest // n_middle, rest % n_middle, inner
+
+
+def check_level_lists(name: str, **lists) -> None:
+    """Raise :class:`LossError` unless every argument is a non-empty list of levels of one length.
+
+    A lone tensor is refused: iterating it would silently treat each image as a level.
+    """
+    for arg, x in lists.items():
+        if isinstance(x, Tensor):
+            raise LossError(f"{name}: expected {arg} to be a list of levels, but got a tensor of shape "
+                            f"{tuple(x.shape)}; pass one level as [{arg}]")
+    lengths = {arg: len(x) for arg, x in lists.items()}
+    if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
+        raise LossError(f"{name}: expected equal, non-zero numbers of levels in "
+                        f"{', '.join(lengths)}, but got {list(lengths.values())}")
 
 
 def check_once(ctx) -> None:

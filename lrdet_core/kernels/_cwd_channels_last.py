@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_LEVELS, TRITON_DTYPE, grad_factor, launch, level_groups, sum_partials
+from ._common import (MAX_LEVELS, TRITON_DTYPE, Slot, grad_factor, launch, launch_levels, level_slot, split_program,
+                      sum_partials)
 
 #: Tile of cells x channels: 64 contiguous channels (128-256 bytes) per cell, 8 elements per thread
 #: over 4 warps (128-bit loads). A 32 x 32 tile spilled on sm80 for a bf16 student with an fp32
@@ -52,10 +53,7 @@ def _tile(n, c, hw, C, HW, stop):
 @triton.jit
 def _cl_block(s_ptr, t_ptr, g_ptr, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C, HW, K, r0, chunk, kmax, rows,
               w, v, inv_tau, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr):
-    n_cb = tl.cdiv(C, BLOCK_C)
-    k = local % K
-    cb = (local // K) % n_cb
-    n = local // (K * n_cb)
+    n, cb, k = split_program(local, K, tl.cdiv(C, BLOCK_C))
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     row = r0 + n * C + c  # absolute softmax row of every channel lane
     c_ok = c < C
@@ -126,23 +124,29 @@ def _cwd_cl_kernel(stats_ptr, nk_ptr, w_ptr, lse_ptr, go_ptr, inv_tau, chunk, km
     go = 1.0
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
-    if pid < e0:
-        _cl_block(s0, t0, g0, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, pid, C0, HW0, K0, r0, chunk, kmax,
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
+        _cl_block(s0, t0, g0, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C0, HW0, K0, r0, chunk, kmax,
                   rows, w0, v0, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if (pid >= e0) & (pid < e1):
-        _cl_block(s1, t1, g1, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, pid - e0, C1, HW1, K1, r1, chunk, kmax,
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
+        _cl_block(s1, t1, g1, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C1, HW1, K1, r1, chunk, kmax,
                   rows, w1, v1, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if (pid >= e1) & (pid < e2):
-        _cl_block(s2, t2, g2, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, pid - e1, C2, HW2, K2, r2, chunk, kmax,
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
+        _cl_block(s2, t2, g2, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C2, HW2, K2, r2, chunk, kmax,
                   rows, w2, v2, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if (pid >= e2) & (pid < e3):
-        _cl_block(s3, t3, g3, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, pid - e2, C3, HW3, K3, r3, chunk, kmax,
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
+        _cl_block(s3, t3, g3, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C3, HW3, K3, r3, chunk, kmax,
                   rows, w3, v3, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if (pid >= e3) & (pid < e4):
-        _cl_block(s4, t4, g4, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, pid - e3, C4, HW4, K4, r4, chunk, kmax,
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
+        _cl_block(s4, t4, g4, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C4, HW4, K4, r4, chunk, kmax,
                   rows, w4, v4, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
-    if (pid >= e4) & (pid < e5):
-        _cl_block(s5, t5, g5, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, pid - e4, C5, HW5, K5, r5, chunk, kmax,
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
+        _cl_block(s5, t5, g5, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local, C5, HW5, K5, r5, chunk, kmax,
                   rows, w5, v5, inv_tau, BLOCK_HW, BLOCK_C, GRAD)
 
 
@@ -211,22 +215,16 @@ def run(pairs: Sequence[tuple], tau: float, lse: Tensor, chunk: Optional[int] = 
         nk = torch.empty(total, dtype=torch.int32, device=dev)
         w = torch.empty(total, dtype=torch.float32, device=dev)
         go = stats  # not read by the forward launch
-    for group in level_groups(len(pairs)):
-        args: list = []
-        end = 0
-        for slot in range(MAX_LEVELS):
-            i = group[slot] if slot < len(group) else group[0]
-            s, t = pairs[i]
-            g = grads[i] if backward else s  # forward never touches g
-            n, c, h, hw_w = s.shape
-            if slot < len(group):
-                end += n * triton.cdiv(c, BLOCK_C) * ks[i]
-                args += [s, t, g, c, h * hw_w, end, starts[i], ks[i], tau * tau / (n * c), tau / (n * c)]
-            else:
-                args += [s, t, g, c, 0, end, 0, 1, 0.0, 0.0]  # empty slot: its pid range is empty
-        if end:
-            launch(_cwd_cl_kernel, (end,), dev_tensor, stats, nk, w, lse, go, 1.0 / tau, chunk, kmax, total, *args,
-                   BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, GRAD=backward, num_warps=NUM_WARPS)
+    slots = []
+    for i, (s, t) in enumerate(pairs):
+        n, c, h, w_ = s.shape
+        g = grads[i] if backward else s  # forward never touches g
+        slots.append(Slot(n * triton.cdiv(c, BLOCK_C) * ks[i], (s, t, g), (c, h * w_),
+                          (starts[i], ks[i], tau * tau / (n * c), tau / (n * c))))
+    # Buffers are indexed by absolute row (r_i), not by program: every launch gets the same head.
+    head = (stats, nk, w, lse, go, 1.0 / tau, chunk, kmax, total)
+    launch_levels(_cwd_cl_kernel, dev_tensor, slots, lambda done: head,
+                  BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, GRAD=backward, num_warps=NUM_WARPS)
     if backward:
         return None
     partials = torch.empty(total, dtype=torch.float32, device=dev)

@@ -16,8 +16,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
-from ._common import (DTYPES, MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, flat_pair, grad_factor,
-                      launch, level_groups, sum_partials)
+from ._common import (DTYPES, MAX_LEVELS, TRITON_DTYPE, Slot, check_level_lists, check_once, check_pair, flat_pair,
+                      grad_factor, launch_levels, level_slot, sum_partials)
 
 #: Elements per program. 4096 fp32 over 8 warps is 16 per thread per tensor: enough loads in
 #: flight to saturate HBM without spilling (checked by tests/test_kernels_compile.py).
@@ -67,24 +67,29 @@ def _pointwise_kernel(part_ptr, go_ptr,
                       BLOCK: tl.constexpr, ABS: tl.constexpr, GRAD: tl.constexpr):
     # GRAD=False: forward, one loss partial per program. GRAD=True: backward, the gradient times
     # grad_output (read on the device: no host sync, CUDA graphs keep working).
-    # Programs are laid out level after level; e_i is the end of level i's program range.
-    # Unused slots have an empty range, so exactly one branch runs per program.
+    # Programs are laid out level after level (see level_slot); exactly one branch runs per program.
     pid = tl.program_id(0)
     go = 1.0
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
-    if pid < e0:
-        _pointwise_block(s0, t0, g0, part_ptr, go, pid, pid, n0, w0, BLOCK, ABS, GRAD)
-    if (pid >= e0) & (pid < e1):
-        _pointwise_block(s1, t1, g1, part_ptr, go, pid, pid - e0, n1, w1, BLOCK, ABS, GRAD)
-    if (pid >= e1) & (pid < e2):
-        _pointwise_block(s2, t2, g2, part_ptr, go, pid, pid - e1, n2, w2, BLOCK, ABS, GRAD)
-    if (pid >= e2) & (pid < e3):
-        _pointwise_block(s3, t3, g3, part_ptr, go, pid, pid - e2, n3, w3, BLOCK, ABS, GRAD)
-    if (pid >= e3) & (pid < e4):
-        _pointwise_block(s4, t4, g4, part_ptr, go, pid, pid - e3, n4, w4, BLOCK, ABS, GRAD)
-    if (pid >= e4) & (pid < e5):
-        _pointwise_block(s5, t5, g5, part_ptr, go, pid, pid - e4, n5, w5, BLOCK, ABS, GRAD)
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
+        _pointwise_block(s0, t0, g0, part_ptr, go, pid, local, n0, w0, BLOCK, ABS, GRAD)
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
+        _pointwise_block(s1, t1, g1, part_ptr, go, pid, local, n1, w1, BLOCK, ABS, GRAD)
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
+        _pointwise_block(s2, t2, g2, part_ptr, go, pid, local, n2, w2, BLOCK, ABS, GRAD)
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
+        _pointwise_block(s3, t3, g3, part_ptr, go, pid, local, n3, w3, BLOCK, ABS, GRAD)
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
+        _pointwise_block(s4, t4, g4, part_ptr, go, pid, local, n4, w4, BLOCK, ABS, GRAD)
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
+        _pointwise_block(s5, t5, g5, part_ptr, go, pid, local, n5, w5, BLOCK, ABS, GRAD)
 
 
 def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str,
@@ -92,9 +97,7 @@ def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str
     """Checked ``(s, t)`` pairs in a layout the kernel walks flat (teacher detached)."""
     if reduction not in REDUCTIONS:
         raise LossError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if len(student) != len(teacher) or len(student) == 0:
-        raise LossError(f"{name}: expected equal, non-zero numbers of student and teacher levels, "
-                        f"got {len(student)} and {len(teacher)}")
+    check_level_lists(name, student=student, teacher=teacher)
     pairs = []
     for i, (s, t) in enumerate(zip(student, teacher)):
         check_pair(s, t, name, i)
@@ -117,24 +120,14 @@ def run(pairs: Sequence[Tuple[Tensor, Tensor]], reduction: str, absolute: bool,
         partials = (torch.empty(total, dtype=torch.float32, device=dev) if total
                     else torch.zeros(1, dtype=torch.float32, device=dev))
         go = partials  # not read by the forward launch
-    offset = 0
-    for group in level_groups(len(pairs)):
-        args: list = []
-        end = 0
-        for slot in range(MAX_LEVELS):
-            i = group[slot] if slot < len(group) else group[0]
-            s, t = pairs[i]
-            g = grads[i] if backward else s  # forward never touches g
-            if slot < len(group):
-                n = s.numel()
-                end += blocks[i]
-                args += [s, t, g, n, end, 1.0 / n if reduction == "mean" else 1.0]
-            else:
-                args += [s, t, g, 0, end, 0.0]  # empty slot: its pid range is empty
-        if end:
-            launch(_pointwise_kernel, (end,), pairs[0][0], partials[offset:], go, *args,
-                   BLOCK=BLOCK, ABS=absolute, GRAD=backward, num_warps=NUM_WARPS)
-        offset += 0 if backward else end
+    slots = []
+    for i, (s, t) in enumerate(pairs):
+        n = s.numel()
+        g = grads[i] if backward else s  # forward never touches g
+        slots.append(Slot(blocks[i], (s, t, g), (n,), (1.0 / n if reduction == "mean" else 1.0,)))
+    # The backward launch writes no partials: every group gets the same (unread) buffer.
+    launch_levels(_pointwise_kernel, pairs[0][0], slots, lambda done: (go if backward else partials[done:], go),
+                  BLOCK=BLOCK, ABS=absolute, GRAD=backward, num_warps=NUM_WARPS)
     return None if backward else sum_partials(partials)
 
 

@@ -43,8 +43,8 @@ from torch import Tensor
 from ..errors import LossError
 from . import _cwd_channels_last
 from ._cwd_channels_last import _cwd_cl_combine_kernel, _cwd_cl_kernel  # noqa: F401 (named in SPECIALISATIONS)
-from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, grad_factor, launch,
-                      level_groups, nchw_layout, sum_partials)
+from ._common import (MAX_LEVELS, TRITON_DTYPE, Slot, check_level_lists, check_once, check_pair, grad_factor,
+                      launch_levels, level_groups, level_slot, nchw_layout, sum_partials)
 
 #: Row block ladder and the warps of each. Each level gets its own BLOCK (:func:`pick_block`);
 #: levels sharing a BLOCK share a launch. Rows longer than their BLOCK are walked in chunks.
@@ -159,23 +159,29 @@ def _cwd_kernel(part_ptr, lse_ptr, go_ptr, inv_tau,
                 BLOCK: tl.constexpr, GRAD: tl.constexpr):
     # GRAD=False: forward (KL partial and the two logsumexps per row). GRAD=True: backward, the
     # gradient times grad_output read on the device (no host sync, graph-capturable).
-    # Level i owns programs [e_{i-1}, e_i); unused slots have empty ranges.
+    # One program per row, levels one after the other (see level_slot).
     pid = tl.program_id(0)
     go = 1.0
     if GRAD:
         go = tl.load(go_ptr).to(tl.float32)
-    if pid < e0:
-        _cwd_row(s0, t0, g0, part_ptr, lse_ptr, go, pid, pid, C0, HW0, w0, v0, inv_tau, BLOCK, GRAD)
-    if (pid >= e0) & (pid < e1):
-        _cwd_row(s1, t1, g1, part_ptr, lse_ptr, go, pid, pid - e0, C1, HW1, w1, v1, inv_tau, BLOCK, GRAD)
-    if (pid >= e1) & (pid < e2):
-        _cwd_row(s2, t2, g2, part_ptr, lse_ptr, go, pid, pid - e1, C2, HW2, w2, v2, inv_tau, BLOCK, GRAD)
-    if (pid >= e2) & (pid < e3):
-        _cwd_row(s3, t3, g3, part_ptr, lse_ptr, go, pid, pid - e2, C3, HW3, w3, v3, inv_tau, BLOCK, GRAD)
-    if (pid >= e3) & (pid < e4):
-        _cwd_row(s4, t4, g4, part_ptr, lse_ptr, go, pid, pid - e3, C4, HW4, w4, v4, inv_tau, BLOCK, GRAD)
-    if (pid >= e4) & (pid < e5):
-        _cwd_row(s5, t5, g5, part_ptr, lse_ptr, go, pid, pid - e4, C5, HW5, w5, v5, inv_tau, BLOCK, GRAD)
+    mine, row = level_slot(pid, 0, e0)
+    if mine:
+        _cwd_row(s0, t0, g0, part_ptr, lse_ptr, go, pid, row, C0, HW0, w0, v0, inv_tau, BLOCK, GRAD)
+    mine, row = level_slot(pid, e0, e1)
+    if mine:
+        _cwd_row(s1, t1, g1, part_ptr, lse_ptr, go, pid, row, C1, HW1, w1, v1, inv_tau, BLOCK, GRAD)
+    mine, row = level_slot(pid, e1, e2)
+    if mine:
+        _cwd_row(s2, t2, g2, part_ptr, lse_ptr, go, pid, row, C2, HW2, w2, v2, inv_tau, BLOCK, GRAD)
+    mine, row = level_slot(pid, e2, e3)
+    if mine:
+        _cwd_row(s3, t3, g3, part_ptr, lse_ptr, go, pid, row, C3, HW3, w3, v3, inv_tau, BLOCK, GRAD)
+    mine, row = level_slot(pid, e3, e4)
+    if mine:
+        _cwd_row(s4, t4, g4, part_ptr, lse_ptr, go, pid, row, C4, HW4, w4, v4, inv_tau, BLOCK, GRAD)
+    mine, row = level_slot(pid, e4, e5)
+    if mine:
+        _cwd_row(s5, t5, g5, part_ptr, lse_ptr, go, pid, row, C5, HW5, w5, v5, inv_tau, BLOCK, GRAD)
 
 
 def pick_block(row: int) -> int:
@@ -201,16 +207,15 @@ def launch_plan(rows: Sequence[int], block: Optional[int]) -> List[Tuple[int, Li
 
 def prepare(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float) -> tuple:
     """Checked ``(s, t)`` pairs (teacher detached) and the shared channels_last flag."""
-    if len(student) != len(teacher) or len(student) == 0:
-        raise LossError(f"cwd_triton: expected equal, non-zero numbers of student and teacher levels, "
-                        f"got {len(student)} and {len(teacher)}")
+    check_level_lists("cwd_loss_triton", student=student, teacher=teacher)
     if not tau > 0:
-        raise LossError(f"cwd_triton: tau must be positive, got {tau}")
+        raise LossError(f"cwd_loss_triton: tau must be positive, got {tau}")
     pairs = []
     for i, (s, t) in enumerate(zip(student, teacher)):
-        check_pair(s, t, "cwd_triton", i)
+        check_pair(s, t, "cwd_loss_triton", i)
         if s.dim() != 4:
-            raise LossError(f"cwd_triton: expected N x C x H x W features, got shape {tuple(s.shape)} at level {i}")
+            raise LossError(f"cwd_loss_triton: expected N x C x H x W features, got shape {tuple(s.shape)} "
+                            f"at level {i}")
         pairs.append(nchw_layout(s.detach(), t.detach()))
     channels_last = all(cl for _, _, cl in pairs)
     pairs = [(s, t) if cl == channels_last else (s.contiguous(), t.contiguous()) for s, t, cl in pairs]
@@ -230,24 +235,18 @@ def run(pairs: Sequence[tuple], channels_last: bool, tau: float, block: Optional
     partials = (lse if backward else torch.empty(total, dtype=torch.float32, device=dev) if total
                 else torch.zeros(1, dtype=torch.float32, device=dev))
     go = grad_factor(grad_output) if backward else lse
-    offset = 0
+    slots = []
+    for i, (s, t) in enumerate(pairs):
+        n, c, h, w = s.shape
+        g = grads[i] if backward else s  # forward never touches g
+        slots.append(Slot(rows[i], (s, t, g), (c, h * w), (tau * tau / (n * c), tau / (n * c))))
+    done = 0
     for block, group in launch_plan([s.shape[2] * s.shape[3] for s, _ in pairs], block):
-        args: list = []
-        end = 0
-        for slot in range(MAX_LEVELS):
-            i = group[slot] if slot < len(group) else group[0]
-            s, t = pairs[i]
-            g = grads[i] if backward else s  # forward never touches g
-            if slot < len(group):
-                n, c, h, w = s.shape
-                end += rows[i]
-                args += [s, t, g, c, h * w, end, tau * tau / (n * c), tau / (n * c)]
-            else:
-                args += [s, t, g, 1, 0, end, 0.0, 0.0]
-        if end:
-            launch(_cwd_kernel, (end,), pairs[0][0], partials[offset:], lse[2 * offset:], go, 1.0 / tau, *args,
-                   BLOCK=block, GRAD=backward, num_warps=NUM_WARPS.get(block, 4))
-        offset += end
+        # Rows are numbered across launches: each launch starts its partials and logsumexps at its first row.
+        done = launch_levels(_cwd_kernel, pairs[0][0], slots,
+                             lambda first: (partials[first:], lse[2 * first:], go, 1.0 / tau),
+                             groups=[group], start=done, BLOCK=block, GRAD=backward,
+                             num_warps=NUM_WARPS.get(block, 4))
     return None if backward else sum_partials(partials)
 
 
@@ -275,8 +274,8 @@ class CWDFunction(torch.autograd.Function):
         return (None, None, None, *grads, *([None] * n_levels))
 
 
-def cwd_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float = 1.0, *,
-               block: Optional[int] = None) -> Tensor:
+def cwd_loss_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float = 1.0, *,
+                    block: Optional[int] = None) -> Tensor:
     """Channel-wise distillation loss summed over levels, as a 0-d fp32 tensor.
 
     Args:
@@ -292,6 +291,7 @@ def cwd_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], tau: float 
         student[i], teacher[i]: ``(N, C, H, W)``, fp32/bf16/fp16 each (the gradient has the student's dtype).
         Output: ``()`` fp32.
     """
+    check_level_lists("cwd_loss_triton", student=student, teacher=teacher)
     return CWDFunction.apply(tau, block, len(student), *student, *teacher)
 
 

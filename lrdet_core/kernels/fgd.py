@@ -15,8 +15,9 @@ per-channel ``gb`` from the softmax Jacobians. The masks get no gradient.
 
 Passes (all streaming ones tiled ``BLOCK_C x BLOCK_HW`` over one sample). Each pass is one
 launch for all levels (per group of :data:`~._common.MAX_LEVELS`): programs are laid out level
-after level and a slot table (one pointer/size/offset set per level, as in ``_pointwise.py``)
-tells a program its level; the small side buffers hold the levels one after the other.
+after level and a slot table (one pointer/size/offset set per level, built by
+:func:`._common.launch_levels`) tells a program its level (:func:`._common.level_slot`); the small
+side buffers hold the levels one after the other.
 
 1. ``_fgd_stats_kernel`` reads S and T once: per-pixel sums of ``|x|`` over C (complete per
    program) and per-channel partial sums over each pixel block (reduced by ``torch.sum``).
@@ -49,8 +50,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
-from ._common import (MAX_LEVELS, TRITON_DTYPE, check_once, check_pair, launch, level_groups, nchw_layout,
-                      sum_partials)
+from ._common import (MAX_LEVELS, TRITON_DTYPE, Slot, check_level_lists, check_once, check_pair, launch_levels,
+                      level_slot, nchw_layout, split_program, sum_partials)
 
 #: Tile (channels, pixels) of the two streaming passes by layout: 2048 elements over 8 warps,
 #: longer along the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread
@@ -114,26 +115,32 @@ def _fgd_stats_kernel(pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr,
                       s4, t4, C4, HW4, nb4, e4, po4, co4,
                       s5, t5, C5, HW5, nb5, e5, po5, co5,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    # Programs are laid out level after level (e_i: end of level i's range; unused slots have an
-    # empty range), each owning BLOCK_HW pixels of one sample and looping over all channels.
+    # Programs are laid out level after level (see level_slot), each owning BLOCK_HW pixels of one
+    # sample and looping over all channels.
     pid = tl.program_id(0)
-    if pid < e0:
-        _fgd_stats_block(s0, t0, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid, C0, HW0, nb0, po0, co0,
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
+        _fgd_stats_block(s0, t0, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C0, HW0, nb0, po0, co0,
                          BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e0) & (pid < e1):
-        _fgd_stats_block(s1, t1, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e0, C1, HW1, nb1, po1, co1,
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
+        _fgd_stats_block(s1, t1, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C1, HW1, nb1, po1, co1,
                          BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e1) & (pid < e2):
-        _fgd_stats_block(s2, t2, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e1, C2, HW2, nb2, po2, co2,
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
+        _fgd_stats_block(s2, t2, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C2, HW2, nb2, po2, co2,
                          BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e2) & (pid < e3):
-        _fgd_stats_block(s3, t3, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e2, C3, HW3, nb3, po3, co3,
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
+        _fgd_stats_block(s3, t3, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C3, HW3, nb3, po3, co3,
                          BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e3) & (pid < e4):
-        _fgd_stats_block(s4, t4, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e3, C4, HW4, nb4, po4, co4,
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
+        _fgd_stats_block(s4, t4, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C4, HW4, nb4, po4, co4,
                          BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e4) & (pid < e5):
-        _fgd_stats_block(s5, t5, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, pid - e4, C5, HW5, nb5, po5, co5,
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
+        _fgd_stats_block(s5, t5, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C5, HW5, nb5, po5, co5,
                          BLOCK_C, BLOCK_HW, CL)
 
 
@@ -148,11 +155,7 @@ def _fgd_grad_tile(s, t, f, ga, act, gb):
 @triton.jit
 def _fgd_tile(local, C, HW, nb, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # local -> (sample, channel block, pixel block), pixel blocks fastest.
-    hb = local % nb
-    rest = local // nb
-    n_cb = tl.cdiv(C, BLOCK_C)
-    cb = rest % n_cb
-    n = rest // n_cb
+    n, cb, hb = split_program(local, nb, tl.cdiv(C, BLOCK_C))
     return n, cb * BLOCK_C + tl.arange(0, BLOCK_C), hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
 
 
@@ -187,23 +190,29 @@ def _fgd_focal_kernel(pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
     # One partial of L_fg and one of L_bg per program (program id = partial index).
     pid = tl.program_id(0)
-    if pid < e0:
-        _fgd_focal_block(s0, t0, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid, C0, HW0, nb0,
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
+        _fgd_focal_block(s0, t0, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C0, HW0, nb0,
                          po0, co0, BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e0) & (pid < e1):
-        _fgd_focal_block(s1, t1, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e0, C1, HW1, nb1,
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
+        _fgd_focal_block(s1, t1, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C1, HW1, nb1,
                          po1, co1, BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e1) & (pid < e2):
-        _fgd_focal_block(s2, t2, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e1, C2, HW2, nb2,
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
+        _fgd_focal_block(s2, t2, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C2, HW2, nb2,
                          po2, co2, BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e2) & (pid < e3):
-        _fgd_focal_block(s3, t3, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e2, C3, HW3, nb3,
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
+        _fgd_focal_block(s3, t3, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C3, HW3, nb3,
                          po3, co3, BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e3) & (pid < e4):
-        _fgd_focal_block(s4, t4, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e3, C4, HW4, nb4,
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
+        _fgd_focal_block(s4, t4, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C4, HW4, nb4,
                          po4, co4, BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e4) & (pid < e5):
-        _fgd_focal_block(s5, t5, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, pid - e4, C5, HW5, nb5,
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
+        _fgd_focal_block(s5, t5, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C5, HW5, nb5,
                          po5, co5, BLOCK_C, BLOCK_HW, CL)
 
 
@@ -238,23 +247,29 @@ def _fgd_backward_kernel(f_ptr, ga_ptr, act_ptr, gb_ptr,
                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
     # f, ga and gb already carry the weights and the three grad_outputs.
     pid = tl.program_id(0)
-    if pid < e0:
-        _fgd_backward_block(s0, t0, g0, f_ptr, ga_ptr, act_ptr, gb_ptr, pid, C0, HW0, nb0, po0, co0,
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
+        _fgd_backward_block(s0, t0, g0, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C0, HW0, nb0, po0, co0,
                             BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e0) & (pid < e1):
-        _fgd_backward_block(s1, t1, g1, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e0, C1, HW1, nb1, po1, co1,
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
+        _fgd_backward_block(s1, t1, g1, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C1, HW1, nb1, po1, co1,
                             BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e1) & (pid < e2):
-        _fgd_backward_block(s2, t2, g2, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e1, C2, HW2, nb2, po2, co2,
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
+        _fgd_backward_block(s2, t2, g2, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C2, HW2, nb2, po2, co2,
                             BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e2) & (pid < e3):
-        _fgd_backward_block(s3, t3, g3, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e2, C3, HW3, nb3, po3, co3,
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
+        _fgd_backward_block(s3, t3, g3, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C3, HW3, nb3, po3, co3,
                             BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e3) & (pid < e4):
-        _fgd_backward_block(s4, t4, g4, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e3, C4, HW4, nb4, po4, co4,
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
+        _fgd_backward_block(s4, t4, g4, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C4, HW4, nb4, po4, co4,
                             BLOCK_C, BLOCK_HW, CL)
-    if (pid >= e4) & (pid < e5):
-        _fgd_backward_block(s5, t5, g5, f_ptr, ga_ptr, act_ptr, gb_ptr, pid - e4, C5, HW5, nb5, po5, co5,
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
+        _fgd_backward_block(s5, t5, g5, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C5, HW5, nb5, po5, co5,
                             BLOCK_C, BLOCK_HW, CL)
 
 
@@ -292,28 +307,6 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
     return out
 
 
-def _launch_levels(kernel, ref: Tensor, head: list, per_level: Sequence[list], programs: Sequence[int],
-                   offsets: Sequence[Tuple[int, int]], part_rows: Sequence[Tensor] = (), **kwargs) -> None:
-    """One launch per group of :data:`MAX_LEVELS` levels, programs laid out level after level.
-
-    ``per_level[i]`` holds level ``i``'s slot arguments ending with two placeholders: the
-    program-range end goes before them and ``offsets[i]`` (its two side-buffer offsets) replace
-    them. ``part_rows`` are partials buffers indexed by program id, advanced group by group.
-    """
-    done = 0
-    for group in level_groups(len(per_level)):
-        args: list = []
-        end = 0
-        for slot in range(MAX_LEVELS):
-            used = slot < len(group)
-            i = group[slot] if used else group[0]  # an unused slot repeats a level with an empty range
-            end += programs[i] if used else 0
-            args += per_level[i][:-2] + [end] + (list(offsets[i]) if used else [0, 0])
-        if end:
-            launch(kernel, (end,), ref, *head, *[r[done:] for r in part_rows], *args, **kwargs)
-        done += end
-
-
 class FGDFunction(torch.autograd.Function):
     """Autograd wrapper over all levels: forward runs the stats and focal passes (one launch each
     per group of six levels), backward recomputes the gradient of every level in one launch."""
@@ -349,10 +342,10 @@ class FGDFunction(torch.autograd.Function):
         pix_t = torch.empty_like(pix_s)
         ch_s = torch.empty(n * sum(c * nb for c, nb in zip(cs, n_hwb)), dtype=torch.float32, device=dev)
         ch_t = torch.empty_like(ch_s)
-        _launch_levels(_fgd_stats_kernel, pairs[0][0], [pix_s, pix_t, ch_s, ch_t],
-                       [[s, t, c, hw, nb, 0, 0] for (s, t), c, hw, nb in zip(pairs, cs, hws, n_hwb)],
-                       [n * nb for nb in n_hwb], list(zip(pix_off, part_off)),
-                       BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl, num_warps=NUM_WARPS)
+        stats_slots = [Slot(n * nb, (s, t), (c, hw, nb), (po, co))
+                       for (s, t), c, hw, nb, po, co in zip(pairs, cs, hws, n_hwb, pix_off, part_off)]
+        launch_levels(_fgd_stats_kernel, pairs[0][0], stats_slots, lambda done: (pix_s, pix_t, ch_s, ch_t),
+                      BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl, num_warps=NUM_WARPS)
         # Attention maps and their gradients per level: N x HW and N x C, negligible next to the features.
         as_t_all, ac_t_all, ga_all, gb_all, diffs = [], [], [], [], []
         for i, (c, hw) in enumerate(zip(cs, hws)):
@@ -377,10 +370,12 @@ class FGDFunction(torch.autograd.Function):
         n_hb = [triton.cdiv(hw, block_hw) for hw in hws]
         programs = [n * triton.cdiv(c, block_c) * nb for c, nb in zip(cs, n_hb)]
         parts = torch.empty(2, sum(programs), dtype=torch.float32, device=dev)
-        slots = [[s, t, c, hw, nb, 0, 0] for (s, t), c, hw, nb in zip(pairs, cs, hws, n_hb)]
-        _launch_levels(_fgd_focal_kernel, pairs[0][0], [as_t * fg * (w_fg / n), as_t * bg * (w_bg / n), ac_t],
-                       slots, programs, list(zip(pix_off, ch_off)), part_rows=[parts[0], parts[1]],
-                       BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
+        slots = [Slot(p, (s, t), (c, hw, nb), (po, co))
+                 for p, (s, t), c, hw, nb, po, co in zip(programs, pairs, cs, hws, n_hb, pix_off, ch_off)]
+        head = (as_t * fg * (w_fg / n), as_t * bg * (w_bg / n), ac_t)
+        # The partials are indexed by program id: each launch writes from its first program on.
+        launch_levels(_fgd_focal_kernel, pairs[0][0], slots, lambda done: (*head, parts[0][done:], parts[1][done:]),
+                      BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
         l_fg, l_bg = sum_partials(parts).unbind(0)  # one launch for both rows
 
         ctx.save_for_backward(as_t, fg, bg, ga, ac_t, gb, *[x for pair in pairs for x in pair])
@@ -399,25 +394,31 @@ class FGDFunction(torch.autograd.Function):
         scale_att = go_att * w_att
         block_c, block_hw = TILES[cl]
         grads = [torch.empty_like(s) for s, _ in pairs]  # s's layout and dtype
-        slots = [[s, t, g, s.shape[1], s.shape[2] * s.shape[3], triton.cdiv(s.shape[2] * s.shape[3], block_hw), 0, 0]
-                 for (s, t), g in zip(pairs, grads)]
-        _launch_levels(_fgd_backward_kernel, pairs[0][0], [f, scale_att * ga, ac_t, scale_att * gb], slots,
-                       programs, list(zip(pix_off, ch_off)), BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl,
-                       num_warps=NUM_WARPS)
+        hws = [s.shape[2] * s.shape[3] for s, _ in pairs]
+        slots = [Slot(p, (s, t, g), (s.shape[1], hw, triton.cdiv(hw, block_hw)), (po, co))
+                 for p, (s, t), g, hw, po, co in zip(programs, pairs, grads, hws, pix_off, ch_off)]
+        head = (f, scale_att * ga, ac_t, scale_att * gb)
+        launch_levels(_fgd_backward_kernel, pairs[0][0], slots, lambda done: head,
+                      BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
         # Teacher, masks, temp and weights get no gradient.
         return (None, None, None, *grads, *([None] * (3 * n_levels)))
 
 
-def fgd_focal_attention_triton(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
-                               temp: float, *, weights: Sequence[float] = (1.0, 1.0, 1.0),
+def fgd_focal_attention_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], fg_mask: Sequence[Tensor],
+                               bg_mask: Sequence[Tensor], temp: float, *, weights: Sequence[float] = (1.0, 1.0, 1.0),
                                ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The focal (``L_fg``, ``L_bg``) and attention (``L_att``) terms of FGD for one level.
+    """The focal (``L_fg``, ``L_bg``) and attention (``L_att``) terms of FGD, summed over levels.
+
+    Each level keeps its own attention maps and masks; the three returned terms are sums over
+    levels. Forward makes one statistics launch, one focal launch and one sum; backward one
+    launch (per group of :data:`MAX_LEVELS` levels). A pyramid mixing channels_last and NCHW
+    levels has its channels_last levels copied to NCHW (one layout per launch).
 
     Args:
-        student: student features; receive gradients (also through their attention maps).
-        teacher: teacher features, same shape; a constant (no gradient).
-        fg_mask: foreground weights per cell (no gradient).
-        bg_mask: background weights per cell (no gradient).
+        student: the student's levels; they receive gradients (also through their attention maps).
+        teacher: the teacher's levels, same shapes; constants (no gradient).
+        fg_mask: foreground weights per cell, one mask per level (no gradient).
+        bg_mask: background weights per cell, one mask per level (no gradient).
         temp: attention temperature (> 0).
         weights: ``(w_fg, w_bg, w_att)`` multiplied into the returned terms (and their gradient).
 
@@ -425,31 +426,14 @@ def fgd_focal_attention_triton(student: Tensor, teacher: Tensor, fg_mask: Tensor
         ``(w_fg L_fg, w_bg L_bg, w_att L_att)``, three 0-d fp32 tensors.
 
     Shape:
-        student, teacher: ``(N, C, H, W)``, fp32/bf16/fp16 each; fg_mask, bg_mask: ``(N, H, W)``.
+        per level ``l``: student[l], teacher[l] ``(N, C_l, H_l, W_l)`` (same ``N``), fp32/bf16/fp16 each;
+        fg_mask[l], bg_mask[l] ``(N, H_l, W_l)``.
     """
-    return fgd_levels_triton([student], [teacher], [fg_mask], [bg_mask], temp, weights=weights)
-
-
-def fgd_levels_triton(students: Sequence[Tensor], teachers: Sequence[Tensor], fg_masks: Sequence[Tensor],
-                      bg_masks: Sequence[Tensor], temp: float, *, weights: Sequence[float] = (1.0, 1.0, 1.0),
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`fgd_focal_attention_triton` summed over pyramid levels, all levels in each launch.
-
-    Each level keeps its own attention maps and masks; the three returned terms are sums over
-    levels. Forward makes one statistics launch, one focal launch and one sum; backward one
-    launch (per group of :data:`MAX_LEVELS` levels). A pyramid mixing channels_last and NCHW
-    levels has its channels_last levels copied to NCHW (one layout per launch).
-
-    Shape:
-        per level ``l``: student, teacher ``(N, C_l, H_l, W_l)`` (same ``N``); masks ``(N, H_l, W_l)``.
-    """
+    check_level_lists("fgd_focal_attention_triton", student=student, teacher=teacher, fg_mask=fg_mask,
+                      bg_mask=bg_mask)
     if len(weights) != 3:
         raise LossError(f"fgd_focal_attention_triton: weights must be (w_fg, w_bg, w_att), got {weights!r}")
-    lists = (students, teachers, fg_masks, bg_masks)
-    if not students or len({len(x) for x in lists}) != 1:
-        raise LossError(f"fgd_levels_triton: expected equal, non-zero numbers of students, teachers, fg and bg "
-                        f"masks, got {[len(x) for x in lists]}")
-    return FGDFunction.apply(float(temp), tuple(weights), len(students), *students, *teachers, *fg_masks, *bg_masks)
+    return FGDFunction.apply(float(temp), tuple(weights), len(student), *student, *teacher, *fg_mask, *bg_mask)
 
 
 def _slots(sty: str, tty: str, grad: bool) -> dict:

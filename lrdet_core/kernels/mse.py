@@ -24,13 +24,14 @@ from typing import Sequence
 
 from torch import Tensor
 
+from ._common import check_level_lists
 from ._pointwise import PointwiseFunction, _pointwise_kernel, specialisations as _specialisations  # noqa: F401 (named in SPECIALISATIONS)
 
 #: Every (kernel, signature, constexprs, num_warps) this module launches (see tests/test_kernels_compile.py).
 SPECIALISATIONS = tuple(_specialisations(absolute=False))
 
 
-def mse_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str = "sum") -> Tensor:
+def mse_loss_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str = "sum") -> Tensor:
     """MSE between matched levels, summed over levels, as a 0-d fp32 tensor.
 
     Args:
@@ -42,4 +43,5 @@ def mse_triton(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: 
         student[i], teacher[i]: any equal shape, fp32/bf16/fp16 each (the gradient has the student's dtype).
         Output: ``()`` fp32.
     """
-    return PointwiseFunction.apply(False, reduction, "mse_triton", len(student), *student, *teacher)
+    check_level_lists("mse_loss_triton", student=student, teacher=teacher)
+    return PointwiseFunction.apply(False, reduction, "mse_loss_triton", len(student), *student, *teacher)

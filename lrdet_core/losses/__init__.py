@@ -1,5 +1,11 @@
 """Feature-distillation losses: a plain function plus a thin ``nn.Module`` per loss.
 
+One name per loss everywhere: the module ``losses/cwd.py`` defines the function ``cwd_loss`` and
+the class ``CWDLoss``; its kernel module ``kernels/cwd.py`` defines ``cwd_loss_triton``; the name in
+:data:`LOSSES`, the tests and the benchmark rows is ``"cwd"`` (likewise ``mse``, ``l1``; FGD's
+kernel computes its focal and attention terms: ``fgd_focal_attention_triton``). No function is named
+like its module, so ``lrdet_core.losses.cwd`` is the module.
+
 Every loss module is called as ``loss(student, teacher, ctx)`` where ``student`` and ``teacher``
 are equal-length lists of matched pyramid levels (``N x C x H x W`` each) and ``ctx`` is a
 :class:`lrdet_core.DistillContext`. It returns a scalar tensor (fp32), summed over levels.
@@ -12,8 +18,8 @@ Common rules:
   loss is computed and accumulated in fp32, also inside an autocast region. fp64 stays fp64.
 * ``backend``: ``"torch"`` (eager), ``"compile"`` (``torch.compile`` of the eager per-level
   function), ``"triton"`` (the fused kernels of :mod:`lrdet_core.kernels`, imported on first
-  use) or ``"auto"`` (Triton for CUDA tensors when triton and the kernel are installed, else
-  eager). FGD's GcBlock term always runs eagerly.
+  use) or ``"auto"`` (Triton for CUDA tensors when triton is installed, else eager). FGD's
+  GcBlock term always runs eagerly.
 * Bad input raises :class:`lrdet_core.errors.LossError` naming what was expected and received.
 
 Example:
@@ -31,11 +37,11 @@ from typing import Callable, Dict, Union
 from torch import nn
 
 from lrdet_core.errors import LossError
-from lrdet_core.losses.cwd import CWDLoss, cwd
-from lrdet_core.losses.fgd import (FGD_PRESETS, FGDLoss, GcBlock, channel_attention, fgd, fgd_global,
+from lrdet_core.losses.cwd import CWDLoss, cwd_loss
+from lrdet_core.losses.fgd import (FGD_PRESETS, FGDLoss, GcBlock, channel_attention, fgd_global, fgd_loss,
                                    fgd_masks, fgd_terms, spatial_attention)
-from lrdet_core.losses.l1 import L1Loss, l1
-from lrdet_core.losses.mse import MSELoss, mse
+from lrdet_core.losses.l1 import L1Loss, l1_loss
+from lrdet_core.losses.mse import MSELoss, mse_loss
 
 #: The loss classes by name; ``build_loss(name, **kwargs)`` instantiates one.
 LOSSES: Dict[str, type] = {"mse": MSELoss, "l1": L1Loss, "cwd": CWDLoss, "fgd": FGDLoss}
@@ -112,5 +118,6 @@ def build_loss(spec: LossSpec, **kwargs) -> Callable:
 __all__ = [
     "LOSSES", "RECOMMENDED_ALPHA", "FGD_PRESETS", "build_loss", "loss_name",
     "MSELoss", "L1Loss", "CWDLoss", "FGDLoss", "GcBlock",
-    "mse", "l1", "cwd", "fgd", "fgd_terms", "fgd_global", "fgd_masks", "spatial_attention", "channel_attention",
+    "mse_loss", "l1_loss", "cwd_loss", "fgd_loss", "fgd_terms", "fgd_global", "fgd_masks", "spatial_attention",
+    "channel_attention",
 ]

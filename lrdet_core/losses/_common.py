@@ -1,14 +1,15 @@
 """Input checks, dtype rules and backend dispatch shared by every loss in this package.
 
-Nothing here imports triton or torchvision: the Triton kernels are imported by name, lazily,
-only when a loss actually runs on the ``"triton"`` backend.
+Nothing here imports triton or torchvision: each loss module imports its Triton kernel module
+inside a function, under :func:`kernel_import`, only when it actually runs on the ``"triton"``
+backend.
 """
 from __future__ import annotations
 
-import importlib
+import contextlib
 import importlib.util
 from collections.abc import Mapping
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -118,27 +119,16 @@ def compiled(fn: Callable) -> Callable:
     return _COMPILED[key]
 
 
-def _kernel_module_name(kernel: str) -> str:
-    return f"lrdet_core.kernels.{kernel}"
-
-
-def _kernel_present(kernel: str) -> bool:
-    try:
-        return importlib.util.find_spec(_kernel_module_name(kernel)) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _is_cuda(x: Tensor) -> bool:
     # One seam for the device test, so the Triton dispatch can be tested on CPU machines.
     return x.is_cuda
 
 
-def resolve_backend(backend: str, x: Tensor, kernel: str) -> str:
+def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will actually run: ``"auto"`` becomes ``"triton"`` or ``"torch"``.
 
-    ``"auto"`` picks Triton for CUDA tensors when triton is installed and the kernel module
-    ships with this install; otherwise eager PyTorch. An explicit ``"triton"`` never falls back.
+    ``"auto"`` picks Triton for CUDA tensors when triton is installed (the kernel modules ship
+    with this package); otherwise eager PyTorch. An explicit ``"triton"`` never falls back.
     """
     check_backend(backend)
     if backend == "triton" and not _is_cuda(x):
@@ -146,25 +136,27 @@ def resolve_backend(backend: str, x: Tensor, kernel: str) -> str:
                         f"use backend='torch' or backend='compile' there")
     if backend != "auto":
         return backend
-    if _is_cuda(x) and importlib.util.find_spec("triton") is not None and _kernel_present(kernel):
+    # find_spec looks triton up without importing it: "auto" on CPU tensors never pays for the import.
+    if _is_cuda(x) and importlib.util.find_spec("triton") is not None:
         return "triton"
     return "torch"
 
 
-def load_kernel(kernel: str, func: str) -> Callable:
-    """``lrdet_core.kernels.<kernel>.<func>``, imported on first use, or a :class:`LossError`."""
-    name = _kernel_module_name(kernel)
+@contextlib.contextmanager
+def kernel_import() -> Iterator[None]:
+    """Turns an ``ImportError`` of a kernel module (no triton, a broken install) into a :class:`LossError`.
+
+    Example of use, inside the function that needs the kernel::
+
+        with kernel_import():
+            from lrdet_core.kernels.mse import mse_loss_triton
+    """
     try:
-        module = importlib.import_module(name)
+        yield
     except ImportError as err:
-        raise LossError(f"backend='triton' needs the kernel module {name}, but importing it failed "
-                        f"({type(err).__name__}: {err}); install triton and run on a CUDA device, "
+        raise LossError(f"backend='triton' needs the Triton kernels of lrdet_core.kernels, but importing them "
+                        f"failed ({type(err).__name__}: {err}); install triton and run on a CUDA device, "
                         f"or use backend='torch' or backend='compile'") from err
-    fn = getattr(module, func, None)
-    if fn is None:
-        raise LossError(f"backend='triton' expected {name} to define {func}(), but it does not; "
-                        f"use backend='torch' or backend='compile'")
-    return fn
 
 
 #: Dtypes the kernels read directly, in any student/teacher mix (each side has its own pointer type).
@@ -183,35 +175,37 @@ def triton_inputs(student: Tensor, teacher: Tensor) -> Tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- pointwise (MSE and L1)
 
 
-def pointwise_level(eager: Callable, kernel: str, student: Tensor, teacher: Tensor,
+def pointwise_level(eager: Callable, kernel: Callable[[], Callable], student: Tensor, teacher: Tensor,
                     reduction: str, backend: str) -> Tensor:
-    """One level of an elementwise loss on the chosen backend (the body of ``mse`` and ``l1``)."""
+    """One level of an elementwise loss on the chosen backend (the body of ``mse_loss`` and ``l1_loss``).
+
+    ``kernel()`` returns the loss's Triton function, importing it on first use.
+    """
     check_pair(student, teacher)
     check_reduction(reduction, ("none", "mean", "sum"))
     check_backend(backend)
     if backend == "auto" and reduction == "none":
         backend = "torch"  # kernels only reduce; an elementwise map is an eager job
-    backend = resolve_backend(backend, student, kernel)
+    backend = resolve_backend(backend, student)
     if backend == "triton":
         if reduction == "none":
             raise LossError(f"backend='triton' computes reduction 'sum' or 'mean' only, but got "
                             f"reduction='none'; use backend='torch' for the elementwise map")
         s, t = triton_inputs(student, teacher)
-        return load_kernel(kernel, f"{kernel}_triton")([s], [t], reduction)
+        return kernel()([s], [t], reduction)
     fn = eager if backend == "torch" else compiled(eager)
     with no_autocast(student):
         return fn(student, teacher, reduction, acc_dtype(student, teacher))
 
 
-def pointwise_levels(eager: Callable, kernel: str, student: Levels, teacher: Levels,
+def pointwise_levels(eager: Callable, kernel: Callable[[], Callable], student: Levels, teacher: Levels,
                      reduction: str, backend: str) -> Tensor:
     """The sum over levels of :func:`pointwise_level` (the body of ``MSELoss`` and ``L1Loss``)."""
     s_list, t_list = check_levels(student, teacher)
-    backend = resolve_backend(backend, s_list[0], kernel)
+    backend = resolve_backend(backend, s_list[0])
     if backend == "triton":
         pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
-        return load_kernel(kernel, f"{kernel}_triton")([p[0] for p in pairs], [p[1] for p in pairs],
-                                                      reduction)
+        return kernel()([p[0] for p in pairs], [p[1] for p in pairs], reduction)
     total = pointwise_level(eager, kernel, s_list[0], t_list[0], reduction, backend)
     for s, t in zip(s_list[1:], t_list[1:]):
         total = total + pointwise_level(eager, kernel, s, t, reduction, backend)

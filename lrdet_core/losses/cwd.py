@@ -1,14 +1,14 @@
 """Channel-wise distillation (CWD): a KL divergence between per-channel spatial distributions."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from lrdet_core.errors import LossError
 from lrdet_core.losses._common import (Levels, acc_dtype, check_backend, check_levels, check_pair,
-                                       check_positive, compiled, load_kernel, no_autocast,
+                                       check_positive, compiled, kernel_import, no_autocast,
                                        resolve_backend, triton_inputs)
 
 
@@ -22,7 +22,14 @@ def _cwd_eager(student: Tensor, teacher: Tensor, tau: float, dtype: torch.dtype)
     return kl * (tau * tau / (n * c))
 
 
-def cwd(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto") -> Tensor:
+def _cwd_loss_kernel() -> Callable:
+    # Imported here, on the first Triton call: the kernel module imports triton.
+    with kernel_import():
+        from lrdet_core.kernels.cwd import cwd_loss_triton
+    return cwd_loss_triton
+
+
+def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto") -> Tensor:
     r"""Channel-wise distillation loss of one pyramid level, without the loss weight.
 
     Each channel's activation map is turned into a distribution over the :math:`HW` cells
@@ -47,9 +54,9 @@ def cwd(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto
     Example:
         >>> t = torch.zeros(1, 1, 1, 2)
         >>> s = torch.tensor([[[[0.0, 2.0]]]])
-        >>> cwd(s, t)  # KL((1/2, 1/2) || softmax(0, 2))
+        >>> cwd_loss(s, t)  # KL((1/2, 1/2) || softmax(0, 2))
         tensor(0.4338)
-        >>> cwd(t, t)
+        >>> cwd_loss(t, t)
         tensor(0.)
 
     Reference:
@@ -57,10 +64,10 @@ def cwd(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto
     """
     check_pair(student, teacher)
     tau = check_positive("tau", tau)
-    backend = resolve_backend(backend, student, "cwd")
+    backend = resolve_backend(backend, student)
     if backend == "triton":
         s, t = triton_inputs(student, teacher)
-        return load_kernel("cwd", "cwd_triton")([s], [t], tau)
+        return _cwd_loss_kernel()([s], [t], tau)
     dtype = acc_dtype(student, teacher)
     with no_autocast(student):
         if backend == "torch":
@@ -74,7 +81,7 @@ def cwd(student: Tensor, teacher: Tensor, tau: float = 1.0, backend: str = "auto
 class CWDLoss(nn.Module):
     r"""Channel-wise distillation summed over matched pyramid levels, times ``weight``.
 
-    ``forward`` returns :math:`w \sum_l \text{cwd}(S_l, T_l, \tau)`. The recommended distiller
+    ``forward`` returns :math:`w \sum_l \text{cwd\_loss}(S_l, T_l, \tau)`. The recommended distiller
     weight is in :data:`lrdet_core.losses.RECOMMENDED_ALPHA` (with ``weight=1``, ``tau=1``).
 
     Args:
@@ -105,14 +112,14 @@ class CWDLoss(nn.Module):
 
     def forward(self, student: Levels, teacher: Levels, ctx: Optional[object] = None) -> Tensor:
         s_list, t_list = check_levels(student, teacher)
-        backend = resolve_backend(self.backend, s_list[0], "cwd")
+        backend = resolve_backend(self.backend, s_list[0])
         if backend == "triton":
             pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
-            total = load_kernel("cwd", "cwd_triton")([p[0] for p in pairs], [p[1] for p in pairs], self.tau)
+            total = _cwd_loss_kernel()([p[0] for p in pairs], [p[1] for p in pairs], self.tau)
         else:
-            total = cwd(s_list[0], t_list[0], self.tau, backend)
+            total = cwd_loss(s_list[0], t_list[0], self.tau, backend)
             for s, t in zip(s_list[1:], t_list[1:]):
-                total = total + cwd(s, t, self.tau, backend)
+                total = total + cwd_loss(s, t, self.tau, backend)
         return total * self.weight
 
     def extra_repr(self) -> str:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lrdet_core.errors import LossError
 from lrdet_core.losses._common import (Levels, acc_dtype, check_backend, check_levels, check_pair,
-                                       check_positive, compiled, load_kernel, no_autocast,
+                                       check_positive, compiled, kernel_import, no_autocast,
                                        resolve_backend, triton_inputs)
 
 #: The FGD paper's weights per detector family: ``temp`` and the weights of the four terms.
@@ -277,6 +277,13 @@ def _fgd_focal_attention_eager(student: Tensor, teacher: Tensor, fg_mask: Tensor
     return l_fg, l_bg, l_att
 
 
+def _fgd_focal_attention_kernel() -> Callable:
+    # Imported here, on the first Triton call: the kernel module imports triton.
+    with kernel_import():
+        from lrdet_core.kernels.fgd import fgd_focal_attention_triton
+    return fgd_focal_attention_triton
+
+
 def fgd_global(student: Tensor, teacher: Tensor, gc_student: nn.Module, gc_teacher: nn.Module) -> Tensor:
     r"""FGD's global (relation) term of one level: :math:`\sum (S + G_s(S) - T - G_t(T))^2 / N`.
 
@@ -320,11 +327,10 @@ def fgd_terms(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor
         if not isinstance(m, Tensor) or tuple(m.shape) != (n, h, w):
             got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
             raise LossError(f"expected {name} of shape {(n, h, w)} (N, H, W of the features), but got {got}")
-    backend = resolve_backend(backend, student, "fgd")
+    backend = resolve_backend(backend, student)
     if backend == "triton":
         s, t = triton_inputs(student, teacher)
-        kernel = load_kernel("fgd", "fgd_focal_attention_triton")
-        l_fg, l_bg, l_att = kernel(s, t, fg_mask, bg_mask, temp)
+        l_fg, l_bg, l_att = _fgd_focal_attention_kernel()([s], [t], [fg_mask], [bg_mask], temp)
     else:
         fn = _fgd_focal_attention_eager if backend == "torch" else compiled(_fgd_focal_attention_eager)
         with no_autocast(student):
@@ -333,9 +339,9 @@ def fgd_terms(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor
     return {"fg": l_fg, "bg": l_bg, "att": l_att, "glb": l_glb}
 
 
-def fgd(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
-        gc_student: nn.Module, gc_teacher: nn.Module, temp: float, alpha: float, beta: float,
-        gamma: float, lam: float, backend: str = "auto") -> Tensor:
+def fgd_loss(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
+             gc_student: nn.Module, gc_teacher: nn.Module, temp: float, alpha: float, beta: float,
+             gamma: float, lam: float, backend: str = "auto") -> Tensor:
     r"""Focal and global distillation loss of one pyramid level.
 
     .. math::
@@ -359,18 +365,18 @@ def fgd(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
     Example:
         >>> x = torch.randn(2, 4, 3, 5)
         >>> fg, bg = fgd_masks([torch.zeros(0, 4)] * 2, (24, 40), 8, (3, 5))
-        >>> fgd(x, x, fg, bg, GcBlock(4), GcBlock(4), **FGD_PRESETS["retinanet"]).item()
+        >>> fgd_loss(x, x, fg, bg, GcBlock(4), GcBlock(4), **FGD_PRESETS["retinanet"]).item()
         0.0
 
     Reference:
         Yang et al., "Focal and global knowledge distillation for detectors", CVPR 2022, Eq. (9).
     """
-    if resolve_backend(backend, student, "fgd") == "triton":
+    if resolve_backend(backend, student) == "triton":
         check_pair(student, teacher)
         s, t = triton_inputs(student, teacher)
-        kernel = load_kernel("fgd", "fgd_focal_attention_triton")
         # Weights go into the kernel, which folds them into the per-pixel and per-channel factors of its backward.
-        l_fg, l_bg, l_att = kernel(s, t, fg_mask, bg_mask, check_positive("temp", temp),
+        kernel = _fgd_focal_attention_kernel()
+        l_fg, l_bg, l_att = kernel([s], [t], [fg_mask], [bg_mask], check_positive("temp", temp),
                                    weights=(alpha, beta, gamma))
         return l_fg + l_bg + l_att + lam * fgd_global(student, teacher, gc_student, gc_teacher)
     terms = fgd_terms(student, teacher, fg_mask, bg_mask, gc_student, gc_teacher, temp, backend)
@@ -383,7 +389,7 @@ def fgd(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor,
 class FGDLoss(nn.Module):
     r"""Focal and global distillation summed over matched pyramid levels.
 
-    ``forward(student, teacher, ctx)`` returns :math:`\sum_l \text{fgd}(S_l, T_l, \dots)` with
+    ``forward(student, teacher, ctx)`` returns :math:`\sum_l \text{fgd\_loss}(S_l, T_l, \dots)` with
     the masks of level :math:`l` built from ``ctx.boxes`` at stride ``ctx.strides[l]`` on
     ``ctx.canvas_size``. The weights come from a preset of the FGD paper; the recommended
     distiller weight is therefore ``alpha = 1`` (see :data:`lrdet_core.losses.RECOMMENDED_ALPHA`).
@@ -496,7 +502,7 @@ class FGDLoss(nn.Module):
         if param.device != s_list[0].device:
             raise LossError(f"FGDLoss parameters are on {param.device} but the features are on "
                             f"{s_list[0].device}; move the loss with .to(device)")
-        return s_list, t_list, resolve_backend(self.backend, s_list[0], "fgd")
+        return s_list, t_list, resolve_backend(self.backend, s_list[0])
 
     def _masks(self, ctx, s_list: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
         # All levels in one vectorised computation (see fgd_masks_levels).
@@ -520,7 +526,7 @@ class FGDLoss(nn.Module):
                       weights: Tuple[float, float, float]) -> Tuple[Tensor, Tensor, Tensor]:
         # All levels in each kernel launch (one stats, one focal, one sum forward; one backward).
         pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
-        kernel = load_kernel("fgd", "fgd_levels_triton")
+        kernel = _fgd_focal_attention_kernel()
         return kernel([s for s, _ in pairs], [t for _, t in pairs], [fg for fg, _ in masks], [bg for _, bg in masks],
                       self.temp, weights=weights)
 
@@ -537,8 +543,8 @@ class FGDLoss(nn.Module):
             return l_fg + l_bg + l_att + self.lam * self._global(s_list, t_list)
         total: Optional[Tensor] = None
         for i, (s, t, (fg, bg)) in enumerate(zip(s_list, t_list, masks)):
-            level = fgd(s, t, fg, bg, self.gc_student[i], self.gc_teacher[i], self.temp,
-                        self.alpha, self.beta, self.gamma, self.lam, backend)
+            level = fgd_loss(s, t, fg, bg, self.gc_student[i], self.gc_teacher[i], self.temp,
+                             self.alpha, self.beta, self.gamma, self.lam, backend)
             total = level if total is None else total + level
         return total
 

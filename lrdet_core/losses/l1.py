@@ -1,12 +1,12 @@
 """Absolute error between student and teacher features (L1), an alternative of LRDet Table 8."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lrdet_core.losses._common import (Levels, check_backend, check_reduction, pointwise_level,
+from lrdet_core.losses._common import (Levels, check_backend, check_reduction, kernel_import, pointwise_level,
                                        pointwise_levels)
 
 
@@ -18,7 +18,14 @@ def _l1_eager(student: Tensor, teacher: Tensor, reduction: str, dtype: torch.dty
     return err.sum() if reduction == "sum" else err.mean()
 
 
-def l1(student: Tensor, teacher: Tensor, reduction: str = "sum", backend: str = "auto") -> Tensor:
+def _l1_loss_kernel() -> Callable:
+    # Imported here, on the first Triton call: the kernel module imports triton.
+    with kernel_import():
+        from lrdet_core.kernels.l1 import l1_loss_triton
+    return l1_loss_triton
+
+
+def l1_loss(student: Tensor, teacher: Tensor, reduction: str = "sum", backend: str = "auto") -> Tensor:
     r"""Absolute error of one pyramid level.
 
     .. math::
@@ -40,22 +47,22 @@ def l1(student: Tensor, teacher: Tensor, reduction: str = "sum", backend: str = 
 
     Example:
         >>> s, t = torch.full((2, 3, 4, 5), -2.0), torch.zeros(2, 3, 4, 5)
-        >>> l1(s, t)
+        >>> l1_loss(s, t)
         tensor(240.)
-        >>> l1(s, t, reduction="mean")
+        >>> l1_loss(s, t, reduction="mean")
         tensor(2.)
 
     Reference:
         "A simple framework for low-resolution detection with high-resolution knowledge"
         (LRDet), Appendix B, Table 8.
     """
-    return pointwise_level(_l1_eager, "l1", student, teacher, reduction, backend)
+    return pointwise_level(_l1_eager, _l1_loss_kernel, student, teacher, reduction, backend)
 
 
 class L1Loss(nn.Module):
     r"""Absolute error summed over matched pyramid levels.
 
-    ``forward`` returns :math:`\sum_{l} \text{l1}(S_l, T_l)` with the chosen per-level
+    ``forward`` returns :math:`\sum_{l} \text{l1\_loss}(S_l, T_l)` with the chosen per-level
     reduction. The recommended distiller weight is ``alpha = 0.006`` with ``reduction="sum"``
     (see :data:`lrdet_core.losses.RECOMMENDED_ALPHA` for the reasoning).
 
@@ -79,7 +86,7 @@ class L1Loss(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, student: Levels, teacher: Levels, ctx: Optional[object] = None) -> Tensor:
-        return pointwise_levels(_l1_eager, "l1", student, teacher, self.reduction, self.backend)
+        return pointwise_levels(_l1_eager, _l1_loss_kernel, student, teacher, self.reduction, self.backend)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, backend={self.backend!r}"

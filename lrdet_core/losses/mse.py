@@ -1,12 +1,12 @@
 """Mean squared error between student and teacher features: the loss of the LRDet paper."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lrdet_core.losses._common import (Levels, check_backend, check_reduction, pointwise_level,
+from lrdet_core.losses._common import (Levels, check_backend, check_reduction, kernel_import, pointwise_level,
                                        pointwise_levels)
 
 
@@ -19,7 +19,14 @@ def _mse_eager(student: Tensor, teacher: Tensor, reduction: str, dtype: torch.dt
     return sq.sum() if reduction == "sum" else sq.mean()
 
 
-def mse(student: Tensor, teacher: Tensor, reduction: str = "sum", backend: str = "auto") -> Tensor:
+def _mse_loss_kernel() -> Callable:
+    # Imported here, on the first Triton call: the kernel module imports triton.
+    with kernel_import():
+        from lrdet_core.kernels.mse import mse_loss_triton
+    return mse_loss_triton
+
+
+def mse_loss(student: Tensor, teacher: Tensor, reduction: str = "sum", backend: str = "auto") -> Tensor:
     r"""Squared error of one pyramid level.
 
     .. math::
@@ -40,22 +47,22 @@ def mse(student: Tensor, teacher: Tensor, reduction: str = "sum", backend: str =
 
     Example:
         >>> s, t = torch.ones(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
-        >>> mse(s, t)
+        >>> mse_loss(s, t)
         tensor(120.)
-        >>> mse(s, t, reduction="mean")
+        >>> mse_loss(s, t, reduction="mean")
         tensor(1.)
 
     Reference:
         "A simple framework for low-resolution detection with high-resolution knowledge"
         (LRDet), Eq. (1) and Appendix B, Table 9 (sum reduction, :math:`\alpha = 0.005`).
     """
-    return pointwise_level(_mse_eager, "mse", student, teacher, reduction, backend)
+    return pointwise_level(_mse_eager, _mse_loss_kernel, student, teacher, reduction, backend)
 
 
 class MSELoss(nn.Module):
     r"""Squared error summed over matched pyramid levels (LRDet's :math:`L_{FD}`).
 
-    ``forward`` returns :math:`\sum_{l} \text{mse}(S_l, T_l)` with the chosen per-level
+    ``forward`` returns :math:`\sum_{l} \text{mse\_loss}(S_l, T_l)` with the chosen per-level
     reduction (``"mean"`` averages each level, then sums the levels).
     The recommended distiller weight is ``alpha = 0.005`` with ``reduction="sum"`` (the paper).
 
@@ -79,7 +86,7 @@ class MSELoss(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, student: Levels, teacher: Levels, ctx: Optional[object] = None) -> Tensor:
-        return pointwise_levels(_mse_eager, "mse", student, teacher, self.reduction, self.backend)
+        return pointwise_levels(_mse_eager, _mse_loss_kernel, student, teacher, self.reduction, self.backend)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, backend={self.backend!r}"
