@@ -306,6 +306,9 @@ class BridgeDistiller(nn.Module):
               ) -> Dict[str, Tensor]:
         """One LRDet step. ``training_step=False`` (materialize): parameters created here are expected and
         ``alpha="auto"`` is not measured (it may run on any batch, even a dummy one)."""
+        images, targets = self.adapter.as_batch(images, targets, "images")
+        if hr_images is not None:
+            hr_images, hr_targets = self.adapter.as_batch(hr_images, hr_targets, "hr_images")
         self._check_batch(images, targets, hr_images, hr_targets)
         for t in self._teachers.values():
             t.eval()

@@ -122,6 +122,11 @@ class Adapter:
         return None
 
     # --- checks -----------------------------------------------------------------------------------------
+    def as_batch(self, images: Any, targets: Any, where: str) -> Tuple[Any, Any]:
+        """``(images, targets)`` in the form the passes take, from a batch in a format of the family's own
+        (YOLO: a batch dict in place of ``images``); unchanged by default."""
+        return images, targets
+
     def check_images(self, images: Any, n: int, where: str) -> None:
         """Raise :class:`~lrdet_core.errors.InputError` for images this family cannot take (``n``: as many as
         the targets)."""
