@@ -34,9 +34,9 @@ def tiny(width=0.0625, yaml="yolov8n.yaml", seed=0, nc=NC):
 
 
 def lr_batch():
-    """Two LR images of different shapes (the second is padded to the 64 x 64 canvas) and their boxes."""
+    """Two LR images of different shapes (padded to a 64 x 96 canvas) and their boxes."""
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 40, 64, generator=g)]
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 40, 96, generator=g)]
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.tensor([[10.0, 5.0, 50.0, 35.0], [1.0, 1.0, 20.0, 12.0]]),
                 "labels": torch.tensor([0, 1])}]
@@ -46,7 +46,7 @@ def lr_batch():
 def hr_batch():
     """An explicit HR view: image 0 at 2x, image 1 at 2.4x / 2x (per-image scales, not one canvas ratio)."""
     g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 128, 128, generator=g), torch.rand(3, 96, 128, generator=g)]
+    images = [torch.rand(3, 128, 128, generator=g), torch.rand(3, 96, 192, generator=g)]
     targets = [{"boxes": torch.tensor([[9.0, 11.0, 61.0, 83.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.tensor([[21.0, 13.0, 99.0, 85.0], [3.0, 2.0, 41.0, 30.0]]),
                 "labels": torch.tensor([0, 1])}]
@@ -111,12 +111,13 @@ def test_family_is_detected_and_the_cut_read_from_the_layer_list(yaml, cut):
 def test_torchvision_and_yolo_batches_convert_both_ways():
     images, targets = lr_batch()
     img, sizes = pad_images(images, 32)
-    assert img.shape == (2, 3, 64, 64) and sizes == [(64, 64), (40, 64)]
+    assert img.shape == (2, 3, 64, 96) and sizes == [(64, 64), (40, 96)]
     assert torch.equal(img[1, :, :40], images[1]) and bool((img[1, :, 40:] == PAD_VALUE).all())
+    assert torch.equal(img[0, :, :, :64], images[0]) and bool((img[0, :, :, 64:] == PAD_VALUE).all())
     batch = to_yolo_batch(img, targets)
     assert batch["batch_idx"].tolist() == [0.0, 1.0, 1.0] and batch["cls"].tolist() == [[2.0], [0.0], [1.0]]
-    # normalised xywh of [4, 6, 30, 40] on the 64 x 64 canvas
-    torch.testing.assert_close(batch["bboxes"][0], torch.tensor([17.0, 23.0, 26.0, 34.0]) / 64)
+    # normalised xywh of [4, 6, 30, 40] on the 64 x 96 canvas
+    torch.testing.assert_close(batch["bboxes"][0], torch.tensor([17.0 / 96, 23.0 / 64, 26.0 / 96, 34.0 / 64]))
     back_img, back = from_yolo_batch(batch)
     assert back_img is img
     for t, b in zip(targets, back):
@@ -164,6 +165,7 @@ def test_lr_losses_are_ultralytics_own_and_every_term_reaches_its_parameters():
         else:
             assert grads[1].abs().sum() > 0 and all(g is None for g in grads[2:]), key
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not hasattr(student, "args") and getattr(student, "criterion", None) is None  # the model is unchanged
 
 
 def test_yolo11_pair_of_two_sizes_trains_without_creating_parameters_late():
@@ -187,16 +189,16 @@ def test_lr_pass_gets_the_lr_boxes_and_the_bridge_the_hr_boxes_image_by_image():
     hr_images, hr_targets = hr_batch()
     d(images, targets, hr_images=hr_images, hr_targets=copy.deepcopy(hr_targets))
     (lr, bridge) = seen
-    assert lr["batch"]["img"].shape[-2:] == (64, 64) and bridge["batch"]["img"].shape[-2:] == (128, 128)
+    assert lr["batch"]["img"].shape[-2:] == (64, 96) and bridge["batch"]["img"].shape[-2:] == (128, 192)
     # The loss's own canvas (Detect's P3 size x 8) is the canvas the boxes were normalised by.
-    assert lr["feats"][0].shape[-2:] == (8, 8) and bridge["feats"][0].shape[-2:] == (16, 16)
+    assert lr["feats"][0].shape[-2:] == (8, 12) and bridge["feats"][0].shape[-2:] == (16, 24)
     for call, want in ((lr, targets), (bridge, hr_targets)):
         _, got = from_yolo_batch(call["batch"])
         for g, w in zip(got, want):
             torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-6, atol=1e-4)
             assert torch.equal(g["labels"], w["labels"])
     ctx = rec.calls[0]["ctx"]
-    assert ctx.canvas_size == (128, 128) and [tuple(s) for s in ctx.image_sizes] == [(128, 128), (96, 128)]
+    assert ctx.canvas_size == (128, 192) and [tuple(s) for s in ctx.image_sizes] == [(128, 128), (96, 192)]
     for b, w in zip(ctx.boxes, hr_targets):
         assert torch.equal(b, w["boxes"])
 
@@ -207,7 +209,7 @@ def test_hr_scale_gives_the_scaled_boxes_to_the_bridge():
     images, targets = lr_batch()
     d(images, targets)
     _, got = from_yolo_batch(seen[1]["batch"])
-    assert seen[1]["batch"]["img"].shape[-2:] == (128, 128)
+    assert seen[1]["batch"]["img"].shape[-2:] == (128, 192)
     for g, t in zip(got, targets):
         torch.testing.assert_close(g["boxes"], t["boxes"] * 2, rtol=1e-6, atol=1e-4)
 
@@ -234,7 +236,7 @@ def test_distilled_features_are_the_bridges_detect_inputs_at_the_teachers_sizes_
     assert len(s_detect) == 2 and not t_detect  # the teacher stops before its Detect head runs
     assert torch.equal(out["distill/rec"].detach(), 0.37 * call["value"])
     bridge_in = s_detect[1]
-    assert [tuple(s.shape[-2:]) for s in call["student"]] == [(16, 16), (8, 8), (4, 4)]
+    assert [tuple(s.shape[-2:]) for s in call["student"]] == [(16, 24), (8, 12), (4, 6)]
     for s, b in zip(call["student"], bridge_in):
         assert torch.equal(s, b.detach())
     # the teacher's side: its own Detect inputs on the HR view
@@ -246,8 +248,8 @@ def test_distilled_features_are_the_bridges_detect_inputs_at_the_teachers_sizes_
     for t, r in zip(call["teacher"], seen[0]):
         torch.testing.assert_close(t, r, rtol=0, atol=0)
     # The bridge's neck read the LR backbone levels resampled image by image to the teacher's sizes.
-    lr_sizes, hr_sizes = [(64, 64), (40, 64)], [(128, 128), (96, 128)]
-    want = {i: resample_to_hr(lr_levels[i], (64, 64), (128, 128), tuple(t_levels[i]), lr_sizes, hr_sizes)
+    lr_sizes, hr_sizes = [(64, 64), (40, 96)], [(128, 128), (96, 192)]
+    want = {i: resample_to_hr(lr_levels[i], (64, 96), (128, 192), tuple(t_levels[i]), lr_sizes, hr_sizes)
             for i in (4, 6, 9)}
     torch.testing.assert_close(neck_in[10][1], want[9], rtol=0, atol=0)      # Upsample reads layer 9
     torch.testing.assert_close(neck_in[11][1][1], want[6], rtol=0, atol=0)   # Concat reads layer 6
