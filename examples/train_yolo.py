@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -198,7 +198,7 @@ def mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
 
 def markdown(res: dict, cfg: dict) -> str:
     seeds = cfg["seeds"]
-    lines = [f"| model | val AP | val AP50 | cross-site AP | seeds |", "|---|---|---|---|---|"]
+    lines = ["| model | val AP | val AP50 | cross-site AP | seeds |", "|---|---|---|---|---|"]
     for name, per_seed in res["runs"].items():
         cells = []
         for split, metric in (("val", "AP"), ("val", "AP50"), ("cross_site", "AP")):
@@ -216,7 +216,7 @@ def markdown(res: dict, cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few iterations, one seed (CI)")
     ap.add_argument("--out", type=Path, default=Path("runs"))

@@ -71,7 +71,7 @@ class BridgeDistiller(nn.Module):
             ``{name: teacher}`` whose names prefix the loss keys. It is never trained, always in eval
             mode, runs under ``no_grad`` only as far as its neck, and is not part of ``state_dict()``.
         split_points: where to cut the student; found automatically for torchvision RetinaNet, FCOS and
-            (Faster/Mask/Keypoint) R-CNN.
+            (Faster/Mask/Keypoint) R-CNN, and Ultralytics YOLO detection models (which take none).
         teacher_split_points: where to cut the teacher(s), when it differs from the student.
         loss: ``"mse"`` (paper default) | ``"l1"`` | ``"cwd"`` | ``"fgd"`` | an ``nn.Module`` | any callable
             ``(student_feats, teacher_feats, ctx) -> Tensor``. Each teacher gets its own instance.
@@ -292,7 +292,8 @@ class BridgeDistiller(nn.Module):
         """Training: the dict of LRDet losses. Eval: the student's own predictions on ``images``.
 
         Args:
-            images: what the student takes (for torchvision, a list of ``C x H x W`` tensors).
+            images: what the student takes (for torchvision, a list of ``C x H x W`` tensors; for YOLO, also
+                a YOLO batch dict, with ``targets=None``).
             targets: what the student takes (for torchvision, a list of dicts with ``boxes``, ``labels``,
                 and ``masks``/``keypoints`` where the model needs them).
             hr_images, hr_targets: an explicit HR view of the same batch. Optional for torchvision
