@@ -38,6 +38,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+try:
+    import ultralytics  # AGPL-3.0: the optional extra lrdet-core[ultralytics]
+except ImportError as e:  # pragma: no cover - only without the extra
+    raise ImportError("lrdet_core.adapters.ultralytics needs Ultralytics: pip install 'lrdet-core[ultralytics]'") from e
+
 from .. import validate
 from ..context import level_stride
 from ..errors import InputError, LossError, SplitPointError
@@ -422,8 +427,6 @@ def save_checkpoint(model: nn.Module, path: Union[str, Path], train_args: Option
         ...     type(YOLO(save_checkpoint(m, os.path.join(d, "student.pt"))).model).__name__
         'DetectionModel'
     """
-    import ultralytics
-
     from . import ultralytics_family
 
     if ultralytics_family(model) is None:
