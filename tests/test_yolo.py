@@ -107,6 +107,19 @@ def test_family_is_detected_and_the_cut_read_from_the_layer_list(yaml, cut):
     torch.testing.assert_close(run_layers(model.model, y, 0)[0], model(x)[0], rtol=0, atol=0)
 
 
+def test_the_readmes_lines_train_a_yolov8n_student_with_a_yolov8s_teacher():
+    from ultralytics import YOLO
+
+    distiller = BridgeDistiller(YOLO("yolov8n.yaml").model, YOLO("yolov8s.yaml").model, hr_scale=2.0)
+    images, targets = lr_batch()
+    loss_dict = distiller(images, targets)
+    sum(loss_dict.values()).backward()
+    assert sorted(loss_dict) == ["bridge/box", "bridge/cls", "bridge/dfl", "distill/mse", "lr/box", "lr/cls",
+                                 "lr/dfl"]
+    assert [tuple(p.shape[:2]) for p in distiller.projectors.parameters() if p.dim() == 4] == \
+        [(128, 64), (256, 128), (512, 256)]  # n -> s widths at P3-P5
+
+
 # --- 2. inputs ----------------------------------------------------------------------------------------------
 def test_torchvision_and_yolo_batches_convert_both_ways():
     images, targets = lr_batch()
