@@ -52,7 +52,7 @@ class BridgeDistiller(nn.Module):
             ``{name: teacher}`` whose names prefix the loss keys. It is never trained, always in eval
             mode, runs under ``no_grad`` only as far as its neck, and is not part of ``state_dict()``.
         split_points: where to cut the student; found automatically for torchvision RetinaNet, FCOS and
-            (Faster/Mask/Keypoint) R-CNN.
+            (Faster/Mask/Keypoint) R-CNN, and Ultralytics YOLO detection models (which take none).
         teacher_split_points: where to cut the teacher(s), when it differs from the student.
         loss: ``"mse"`` (paper default) | ``"l1"`` | ``"cwd"`` | ``"fgd"`` | an ``nn.Module`` | any callable
             ``(student_feats, teacher_feats, ctx) -> Tensor``. Each teacher gets its own instance.
@@ -236,7 +236,8 @@ class BridgeDistiller(nn.Module):
         """Training: the dict of LRDet losses. Eval: the student's own predictions on ``images``.
 
         Args:
-            images: what the student takes (for torchvision, a list of ``C x H x W`` tensors).
+            images: what the student takes (for torchvision, a list of ``C x H x W`` tensors; for YOLO, also
+                a YOLO batch dict, with ``targets=None``).
             targets: what the student takes (for torchvision, a list of dicts with ``boxes``, ``labels``,
                 and ``masks``/``keypoints`` where the model needs them).
             hr_images, hr_targets: an explicit HR view of the same batch. Optional for torchvision
@@ -250,6 +251,9 @@ class BridgeDistiller(nn.Module):
               ) -> Dict[str, Tensor]:
         """One LRDet step. ``training_step=False`` (materialize): parameters created here are expected and
         ``alpha="auto"`` is not measured (it may run on any batch, even a dummy one)."""
+        images, targets = self.adapter.as_batch(images, targets, "images")
+        if hr_images is not None:
+            hr_images, hr_targets = self.adapter.as_batch(hr_images, hr_targets, "hr_images")
         self._check_batch(images, targets, hr_images, hr_targets)
         for t in self._teachers.values():
             t.eval()

@@ -33,10 +33,10 @@ def check_not_shared(student: nn.Module, teachers: Mapping[str, nn.Module], who:
         ...     print(str(e).split("but ")[1].split(".")[0])
         the teacher's module '0' is the student's module '0'
     """
-    modules = {id(m): n for n, m in student.named_modules(remove_duplicate=False)}
+    modules = {id(m): n for n, m in _stateful_modules(student)}
     tensors = {id(t): n for n, t in _named_tensors(student)}
     for tname, teacher in teachers.items():
-        shared = _first_shared(teacher.named_modules(remove_duplicate=False), modules)
+        shared = _first_shared(_stateful_modules(teacher), modules)
         kind = "module"
         if shared is None:
             shared, kind = _first_shared(_named_tensors(teacher), tensors), "tensor"
@@ -46,6 +46,14 @@ def check_not_shared(student: nn.Module, teachers: Mapping[str, nn.Module], who:
                              f"shared parts would stop training), but the {who[tname]}'s {kind} {t_name or '(root)'!r} "
                              f"is the student's {kind} {s_name or '(root)'!r}. Build the teacher from its own "
                              f"modules, e.g. copy.deepcopy(...) of what it shares.")
+
+
+def _stateful_modules(m: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Modules that hold a parameter or buffer: a stateless one may be shared harmlessly (Ultralytics' ``Conv``
+    uses one ``SiLU`` instance in every model)."""
+    for name, mod in m.named_modules(remove_duplicate=False):
+        if next(_named_tensors(mod), None) is not None:
+            yield name, mod
 
 
 def _named_tensors(m: nn.Module) -> Iterator[Tuple[str, Tensor]]:

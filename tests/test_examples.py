@@ -133,6 +133,22 @@ def test_maskrcnn_example_quick(tmp_path):
     assert {"bbox_AP", "segm_AP"} <= set(summary["val"])
 
 
+@pytest.mark.slow
+def test_yolo_example_quick(deepforest_data, tmp_path):
+    pytest.importorskip("ultralytics")
+    _run("train_yolo.py", "--quick", "--out", str(tmp_path), "--threads", "1")
+    res = json.loads((tmp_path / "yolo_quick.json").read_text())
+    assert set(res["runs"]) == {"hr_teacher", "lr_baseline", "lrdet"}
+    assert all(0.0 <= r[split]["AP"] <= 1.0 for per_seed in res["runs"].values() for r in per_seed.values()
+               for split in ("val", "cross_site"))
+    assert {"lr/box", "lr/cls", "lr/dfl", "bridge/box", "bridge/cls", "bridge/dfl", "distill/mse"} == \
+        set(res["loss_logs"]["lrdet/0"][-1]) - {"iter"}
+    assert all(math.isfinite(v) for log in res["loss_logs"].values() for entry in log for v in entry.values())
+    from ultralytics import YOLO
+    assert YOLO(str(tmp_path / "yolo_student.pt")).task == "detect"
+    assert (tmp_path / "yolo_quick.md").is_file()
+
+
 def _check_outputs(out: Path) -> dict:
     assert (out / "student.pt").is_file()
     summary = json.loads((out / "metrics.json").read_text())

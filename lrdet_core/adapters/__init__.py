@@ -65,12 +65,16 @@ def adapter_for(model: nn.Module, split_points: Optional[SplitPoints], role: str
         role: ``"student"``, ``"teacher"`` or ``"teacher 'name'"``.
 
     Raises:
-        SplitPointError: for a custom model without split points, or split points that are not
+        SplitPointError: for a custom model without split points, an Ultralytics ``YOLO`` wrapper (its ``.model``
+            is the detector), or split points that are not
             :class:`SplitPoints` or name no module of the model (the message lists the close matches).
     """
     if split_points is not None and not isinstance(split_points, SplitPoints):
         raise SplitPointError(f"expected split points for the {role} as SplitPoints(backbone=..., neck=...), "
                               f"but got {type(split_points).__name__}: {split_points!r}")
+    if any(c.__name__ == "Model" and c.__module__.startswith("ultralytics.") for c in type(model).__mro__):
+        raise SplitPointError(f"expected the {role} to be a YOLO detection model, but got the {type(model).__name__} "
+                              f"wrapper: pass its .model, e.g. YOLO('yolov8n.yaml').model")
     family = family_of(model)
     if family == "torchvision":
         return TorchvisionAdapter(model, split_points, role)

@@ -2,7 +2,8 @@
 
 An :class:`Adapter` wraps one model (the student or one teacher) and knows how its family
 
-* checks a batch (:meth:`Adapter.check_batch`),
+* takes a batch in a format of its own (:meth:`Adapter.as_batch`; YOLO: a batch dict),
+* checks a batch (:meth:`Adapter.check_images`, :meth:`Adapter.check_targets`),
 * runs the student's training pass, recording the backbone and neck (:meth:`Adapter.student_pass`),
 * builds the HR view of a batch for a teacher (:meth:`Adapter.hr_view`),
 * runs a frozen teacher as far as its neck (:meth:`Adapter.teacher_pass`),
@@ -122,6 +123,11 @@ class Adapter:
         return None
 
     # --- checks -----------------------------------------------------------------------------------------
+    def as_batch(self, images: Any, targets: Any, where: str) -> Tuple[Any, Any]:
+        """``(images, targets)`` in the form the passes take, from a batch in a format of the family's own
+        (YOLO: a batch dict in place of ``images``); unchanged by default."""
+        return images, targets
+
     def check_images(self, images: Any, n: int, where: str) -> None:
         """Raise :class:`~lrdet_core.errors.InputError` for images this family cannot take (``n``: as many as
         the targets)."""
