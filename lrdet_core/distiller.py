@@ -15,7 +15,6 @@ only orchestrates them. Nothing in the user's model is rewritten.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -131,8 +130,7 @@ class BridgeDistiller(nn.Module):
         check_one_family(student, teachers)
         validate.check_hr_scale(hr_scale, self.adapter.builds_hr_view)
         self.bridge, self.hr_source, self.hr_scale = bridge, hr_source, hr_scale
-        self.hr_det_weight = float(hr_det_weight)
-        self.bridge_rois, self.check_finite = bridge_rois, check_finite
+        self.hr_det_weight, self.bridge_rois, self.check_finite = float(hr_det_weight), bridge_rois, check_finite
         if self.adapter.builds_hr_view and hr_source == "teacher":
             validate.warn_if_not_lower_resolution(student, teachers, {n: _who(n) for n in teachers})
 
@@ -157,12 +155,10 @@ class BridgeDistiller(nn.Module):
         self.losses = build_teacher_losses(loss, dict(loss_kwargs or {}), list(teachers), torchvision_family(student))
         self.projectors = Projectors()  # 1x1 convs for levels whose channel counts differ
         self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
-        self._reported: set = set()
-        self._reported_hr_scale = False
+        self._reported, self._reported_hr_scale = set(), False  # warned about: unpaired levels, hr_scale unused
 
-        self.inherit_report: Optional[InheritReport] = None
-        if inherit:
-            self.inherit_report = inherit_weights(student, next(iter(teachers.values())))
+        first = next(iter(teachers.values()))
+        self.inherit_report: Optional[InheritReport] = inherit_weights(student, first) if inherit else None
         self._build_from_probe()
 
     @property
@@ -291,8 +287,7 @@ class BridgeDistiller(nn.Module):
         validate.check_batch(self.adapter, images, targets, hr_images, hr_targets, self.hr_scale)
         if hr_images is not None and self.hr_scale is not None and not self._reported_hr_scale:
             self._reported_hr_scale = True
-            warnings.warn(f"LRDet: hr_images were given, so hr_scale={self.hr_scale:g} is not used for this batch "
-                          f"(the explicit HR view wins whenever it is passed)", stacklevel=5)
+            validate.warn_hr_scale_unused(self.hr_scale)
 
     def _replay(self, lr: PassRecord, hr: PassRecord) -> Replay:
         """The bridge's backbone: the student's recorded levels at the sizes of the teacher's backbone levels."""

@@ -376,6 +376,12 @@ def check_batch(adapter: Any, images: Any, targets: Any, hr_images: Any, hr_targ
     check_hr_not_smaller(images, hr_images)
 
 
+def warn_hr_scale_unused(hr_scale: float) -> None:
+    """An explicit HR view was given to a distiller built with ``hr_scale`` (said once per distiller)."""
+    warnings.warn(f"LRDet: hr_images were given, so hr_scale={hr_scale:g} is not used for this batch "
+                  f"(the explicit HR view wins whenever it is passed)", stacklevel=6)
+
+
 def nonfinite_levels(loss: Callable, student: List[Tensor], teacher: List[Tensor], ctx: Any) -> List[str]:
     """The levels at which ``loss`` alone is not finite (``"name (stride s)"``), to say where a sum went wrong."""
     with torch.no_grad():

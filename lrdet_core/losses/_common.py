@@ -189,8 +189,8 @@ def pointwise_level(eager: Callable, kernel: Callable[[], Callable], student: Te
     backend = resolve_backend(backend, student)
     if backend == "triton":
         if reduction == "none":
-            raise LossError(f"backend='triton' computes reduction 'sum' or 'mean' only, but got "
-                            f"reduction='none'; use backend='torch' for the elementwise map")
+            raise LossError("backend='triton' computes reduction 'sum' or 'mean' only, but got "
+                            "reduction='none'; use backend='torch' for the elementwise map")
         s, t = triton_inputs(student, teacher)
         return kernel()([s], [t], reduction)
     fn = eager if backend == "torch" else compiled(eager)
