@@ -2,10 +2,11 @@
 
 The DeepForest tiles (NEON aerial images, 10 cm/px, see ``deepforest_data.py``): a YOLOv8n teacher is trained
 from scratch on native 256 px crops, then a YOLOv8n student on the same crops at 0.5x (128 px), once alone
-(``lr_baseline``) and once through :class:`lrdet_core.BridgeDistiller` (``lrdet``: the bridge, feature
-distillation and weights inherited from the teacher), on the same seeds. AP is COCO AP@[.5:.95] on the
-held-out rows of the training image (``val``) and on the other images and sites (``cross_site``), with the
-LR predictions scaled back to native pixels.
+(``lr_baseline``), once alone from the teacher's weights (``inherit``, weight inheriting only) and once through
+:class:`lrdet_core.BridgeDistiller` (``lrdet``: the bridge, feature distillation and weights inherited from the
+teacher), on the same seeds: ``lrdet - inherit`` is what the bridge and the distillation add. AP is COCO
+AP@[.5:.95] on the held-out rows of the training image (``val``) and on the other images and sites
+(``cross_site``), with the LR predictions scaled back to native pixels.
 
 Models are built from ``yolov8n.yaml`` with no weights (nothing is downloaded but the data wheel), one class.
 Ultralytics is AGPL-3.0 licensed; from a checkout: ``pip install -e ".[examples,ultralytics]"``.
@@ -40,13 +41,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepforest_data as dfd  # noqa: E402
 
-from lrdet_core import BridgeDistiller  # noqa: E402
+from lrdet_core import BridgeDistiller, inherit_weights  # noqa: E402
 
 PRESETS = {
     "quick": dict(scale=0.5, teacher_iters=3, iters=2, batch=2, seeds=[0], lr=1e-3, eval_tiles=2),
     "default": dict(scale=0.5, teacher_iters=400, iters=200, batch=8, seeds=[0, 1, 2], lr=1e-3, eval_tiles=None),
 }
-METHODS = ("lr_baseline", "lrdet")
+METHODS = ("lr_baseline", "inherit", "lrdet")
 
 
 def build(nc: int = 1) -> nn.Module:
@@ -166,7 +167,10 @@ def run(cfg: dict, crops: dfd.TrainCrops, splits: Dict[str, List[Dict]], out: Pa
             torch.manual_seed(seed)
             g = torch.Generator().manual_seed(10_000 + seed)  # the same crops for both methods of a seed
             student = build()
-            if method == "lr_baseline":
+            if method in ("lr_baseline", "inherit"):
+                if method == "inherit":
+                    inherit_weights(student, teacher)
+
                 def step(i: int) -> Dict[str, Tensor]:
                     lr_i, lr_t, _, _ = make_batch(crops, cfg["batch"], cfg["scale"], g)
                     return _own_losses(student, lr_i, lr_t)
@@ -205,14 +209,17 @@ def markdown(res: dict, cfg: dict) -> str:
             m, s = mean_sd([r[split][metric] for r in per_seed.values()])
             cells.append(f"{m:.3f} ± {s:.3f}" if len(per_seed) > 1 else f"{m:.3f}")
         label = {"hr_teacher": "YOLOv8n teacher, 1x (256 px)", "lr_baseline": f"YOLOv8n, {cfg['scale']}x, alone",
+                 "inherit": f"YOLOv8n, {cfg['scale']}x, teacher's weights, alone",
                  "lrdet": f"YOLOv8n, {cfg['scale']}x, LRDet"}[name]
         lines.append(f"| {label} | {' | '.join(cells)} | {len(per_seed) if name != 'hr_teacher' else '-'} |")
-    diffs = [res["runs"]["lrdet"][str(s)]["val"]["AP"] - res["runs"]["lr_baseline"][str(s)]["val"]["AP"]
-             for s in seeds]
-    m, s = mean_sd(diffs)
-    lines.append("")
-    lines.append(f"LRDet - baseline, val AP, paired by seed: {m:+.3f} (SD {s:.3f}, n = {len(diffs)}; "
-                 f"per seed {', '.join(f'{d:+.3f}' for d in diffs)})")
+    lines += ["", "| paired by seed (val AP) | mean | SE | seeds > 0 | per seed |", "|---|---|---|---|---|"]
+    for a, b in (("lrdet", "lr_baseline"), ("inherit", "lr_baseline"), ("lrdet", "inherit")):
+        if a not in res["runs"] or b not in res["runs"]:
+            continue
+        diffs = [res["runs"][a][str(s)]["val"]["AP"] - res["runs"][b][str(s)]["val"]["AP"] for s in seeds]
+        m, sd = mean_sd(diffs)
+        lines.append(f"| {a} − {b} | {m:+.4f} | {sd / math.sqrt(len(diffs)):.4f} | {sum(d > 0 for d in diffs)}/"
+                     f"{len(diffs)} | {', '.join(f'{d:+.3f}' for d in diffs)} |")
     return "\n".join(lines) + "\n"
 
 

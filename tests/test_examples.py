@@ -138,7 +138,7 @@ def test_yolo_example_quick(deepforest_data, tmp_path):
     pytest.importorskip("ultralytics")
     _run("train_yolo.py", "--quick", "--out", str(tmp_path), "--threads", "1")
     res = json.loads((tmp_path / "yolo_quick.json").read_text())
-    assert set(res["runs"]) == {"hr_teacher", "lr_baseline", "lrdet"}
+    assert set(res["runs"]) == {"hr_teacher", "lr_baseline", "inherit", "lrdet"}
     assert all(0.0 <= r[split]["AP"] <= 1.0 for per_seed in res["runs"].values() for r in per_seed.values()
                for split in ("val", "cross_site"))
     assert {"lr/box", "lr/cls", "lr/dfl", "bridge/box", "bridge/cls", "bridge/dfl", "distill/mse"} == \
@@ -146,7 +146,8 @@ def test_yolo_example_quick(deepforest_data, tmp_path):
     assert all(math.isfinite(v) for log in res["loss_logs"].values() for entry in log for v in entry.values())
     from ultralytics import YOLO
     assert YOLO(str(tmp_path / "yolo_student.pt")).task == "detect"
-    assert (tmp_path / "yolo_quick.md").is_file()
+    md = (tmp_path / "yolo_quick.md").read_text()
+    assert all(f"| {c} |" in md for c in ("lrdet − lr_baseline", "inherit − lr_baseline", "lrdet − inherit"))
 
 
 def _check_outputs(out: Path) -> dict:
