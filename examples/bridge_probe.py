@@ -18,6 +18,9 @@ Usage::
 
     python examples/bridge_probe.py                       # ~25 min on one CPU core, powered-preset teacher
     python examples/bridge_probe.py --quick --out /tmp/p  # smoke test
+    python examples/bridge_probe.py --replot --out examples/results --results \
+        examples/results/deepforest_x025.json examples/results/deepforest_full.json \
+        examples/results/deepforest_powered.json             # redraw with finished reproductions
 """
 from __future__ import annotations
 
@@ -179,12 +182,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--results", type=Path, nargs="*", default=[],
                    help="reproduction result JSONs whose paired ΔAP contrasts go into the plot's third panel")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny teacher, 2 iterations, 1 batch")
+    p.add_argument("--replot", action="store_true",
+                   help="measure nothing: redraw <out>/<name>.png from <out>/<name>.json with the contrasts of "
+                        "--results (e.g. once a reproduction has finished)")
     p.add_argument("--out", type=Path, default=harness.DEFAULT_OUT)
     p.add_argument("--name", default="bridge_probe")
     harness.add_cache(p)
     harness.add_threads(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        res = json.loads((args.out / f"{args.name}.json").read_text())
+        res["contrasts"] = {str(k): v for k, v in load_contrasts(args.results).items()}
+        res["replot_command"] = harness.command_line(__file__, argv)
+        harness.write_json(args.out / f"{args.name}.json", res)
+        plot(res, args.out / f"{args.name}.png", {float(k): v for k, v in res["contrasts"].items()})
+        return res
 
     cfg = dict(rd.PRESETS["quick" if args.quick else args.preset])
     cfg.setdefault("teacher_lr", cfg["lr"])

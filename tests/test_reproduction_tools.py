@@ -175,3 +175,23 @@ def test_fingerprints_and_teacher_cache_keys_do_not_move(rd):
     if runs.is_dir():
         assert {p.name.split(".")[1] for p in runs.glob("*.json")} == {"6296fb76fdd7"}
         assert rd.run_fingerprint({**cfg("powered"), "teacher_sha": "345dde695286"}) == "6296fb76fdd7"
+
+
+def test_bridge_probe_replot_takes_the_contrasts_of_the_given_results(rd, tmp_path):
+    """--replot measures nothing: it keeps the measurements and puts each given results file's paired
+    contrasts under its LR scale, as the reproduction itself computes them."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import bridge_probe
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    m = {"rel_err_bridge": 0.4, "rel_err_upsample": 0.5, "cos_head": -0.1, "cos_neck": 0.2}
+    saved = {"config": {"preset": "powered"}, "scales": {"0.5": {"init": m, "trained": m}}, "contrasts": {}}
+    (tmp_path / "bridge_probe.json").write_text(json.dumps(saved))
+    full = EXAMPLES / "results" / "deepforest_full.json"
+    res = bridge_probe.main(["--replot", "--out", str(tmp_path), "--results", str(full)])
+    expected = {f"{c['a']}-{c['b']}": c["mean"] for c in rd.contrasts(json.loads(full.read_text()))}
+    got = json.loads((tmp_path / "bridge_probe.json").read_text())
+    assert got["scales"] == saved["scales"] and res["scales"] == saved["scales"]
+    assert {k: v["mean"] for k, v in got["contrasts"]["0.5"].items()} == pytest.approx(expected)
+    assert "lrdet-inherit" in expected and (tmp_path / "bridge_probe.png").stat().st_size > 0
