@@ -8,11 +8,12 @@ measured terms are averaged over the ranks first, so every rank uses the same ``
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .warn import warn_user
 
 
 def mean_over_ranks(values: Tensor) -> Tuple[Tensor, int]:
@@ -70,7 +71,7 @@ def report_auto_alpha(keys: Sequence[str], alphas: Sequence[float], terms: Seque
     if todo:
         msg += (f". Not set, the terms are not finite and positive: {', '.join(todo)}; these are weighted by 0 "
                 f"at this step and measured again at the next")
-    warnings.warn(msg, stacklevel=7)  # the user's call of the distiller
+    warn_user(msg)
 
 
 @torch.no_grad()
@@ -87,11 +88,11 @@ def check_balance(out: Mapping[str, Tensor], alpha: float) -> None:
         v = v.detach().item()
         ratio = v / det
         if ratio > BALANCE_WARN or 0 < ratio < 1 / BALANCE_WARN:
-            warnings.warn(f"LRDet: at the first step {k} = {v:.4g} is {ratio:.3g} times the LR detection "
-                          f"loss ({det:.4g}) with alpha={alpha:g}. alpha={alpha / ratio:.3g} would make "
-                          f"them equal; a distillation term within ~0.1-10x of the detection loss is the usual "
-                          f"regime. Set alpha explicitly to silence this, or alpha='auto' to measure it at the "
-                          f"first step.", stacklevel=6)  # the user's call
+            warn_user(f"LRDet: at the first step {k} = {v:.4g} is {ratio:.3g} times the LR detection "
+                      f"loss ({det:.4g}) with alpha={alpha:g}. alpha={alpha / ratio:.3g} would make "
+                      f"them equal; a distillation term within ~0.1-10x of the detection loss is the usual "
+                      f"regime. Set alpha explicitly to silence this, or alpha='auto' to measure it at the "
+                      f"first step.")
 
 
 def step_alphas(auto_alpha: Tensor, out: Mapping[str, Tensor], distill: Mapping[str, Tensor], ratio: float,
@@ -119,7 +120,7 @@ def auto_alpha_from_state_dict(state_dict: Dict[str, Any], key: str, alpha: Any,
     if alpha == "auto" and key not in state_dict:
         state_dict[key] = torch.full_like(buffer, math.nan)
     elif alpha != "auto" and key in state_dict:
-        warnings.warn(f"LRDet: the checkpoint holds alpha='auto' values {state_dict[key].tolist()}, but this "
-                      f"distiller has alpha={alpha:g}, which is used; build it with alpha='auto' to "
-                      f"resume with the measured values", stacklevel=5)
+        warn_user(f"LRDet: the checkpoint holds alpha='auto' values {state_dict[key].tolist()}, but this "
+                  f"distiller has alpha={alpha:g}, which is used; build it with alpha='auto' to "
+                  f"resume with the measured values")
         del state_dict[key]

@@ -1,12 +1,13 @@
 """Weight inheriting (Section 3.2): start the LR student from the HR teacher where layers match."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 from torch import nn
+
+from .warn import warn_user
 
 #: Warn when the copied tensors hold less than this share of the student's parameter values.
 MIN_COPIED_SHARE = 0.5
@@ -96,13 +97,13 @@ def inherit_weights(student: nn.Module, teacher: nn.Module) -> InheritReport:
     report.copied_share = sum(p.numel() for n, p in student.named_parameters() if n in copied) / max(total, 1)
     report.suspicious_bn = _bn_after_skipped_conv(student, copied, {m[0] for m in report.shape_mismatch})
     if report.copied_share < MIN_COPIED_SHARE:
-        warnings.warn(f"LRDet: inherit copied {report.copied_share:.0%} of the student's parameter values from the "
-                      f"teacher (expected most of them for a student of the teacher's architecture); the pair looks "
-                      f"mismatched. Per module: {report}", stacklevel=2)
+        warn_user(f"LRDet: inherit copied {report.copied_share:.0%} of the student's parameter values from the "
+                  f"teacher (expected most of them for a student of the teacher's architecture); the pair looks "
+                  f"mismatched. Per module: {report}")
     if report.suspicious_bn:
-        warnings.warn(f"LRDet: inherit copied the BatchNorm statistics of {report.suspicious_bn} but not the "
-                      f"convolution before each (other shape), so they describe another layer's outputs; consider "
-                      f"inherit=False or resetting those layers (module.reset_running_stats())", stacklevel=2)
+        warn_user(f"LRDet: inherit copied the BatchNorm statistics of {report.suspicious_bn} but not the "
+                  f"convolution before each (other shape), so they describe another layer's outputs; consider "
+                  f"inherit=False or resetting those layers (module.reset_running_stats())")
     return report
 
 

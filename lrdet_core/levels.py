@@ -7,12 +7,12 @@ at stride 32. Those are paired by name when both sides have the same names at th
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
 from .errors import InputError, LevelMatchError
+from .warn import warn_user
 
 #: ``{student_level: teacher_level}`` for every teacher, or ``{teacher_name: {student_level: teacher_level}}``.
 LevelMap = Union[Mapping[object, object], Mapping[str, Mapping[object, object]]]
@@ -151,9 +151,9 @@ def warn_unpaired(student: Sequence[Level], teacher: Sequence[Level], who: str) 
     warned."""
     skipped = unpaired_strides(student, teacher)
     if skipped:
-        warnings.warn(f"LRDet: levels with stride {skipped} have no partner between the student and the {who} and "
-                      f"are not distilled (student strides {sorted({lv.stride for lv in student})}, teacher strides "
-                      f"{sorted({lv.stride for lv in teacher})})", stacklevel=6)
+        warn_user(f"LRDet: levels with stride {skipped} have no partner between the student and the {who} and "
+                  f"are not distilled (student strides {sorted({lv.stride for lv in student})}, teacher strides "
+                  f"{sorted({lv.stride for lv in teacher})})")
     return bool(skipped)
 
 

@@ -14,7 +14,6 @@ Example:
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .levels import LevelPair
+from .warn import warn_user
 
 
 class Projectors(nn.ModuleDict):
@@ -78,7 +78,7 @@ def check_late_creation(created: bool) -> None:
                          "training step, after a process group was initialised; call "
                          "distiller.materialize(images, targets) before building the optimizer and wrapping "
                          "the distiller in DistributedDataParallel")
-    warnings.warn("LRDet: distillation parameters (projectors or loss parameters) were created at the first "
-                  "training step. Call distiller.materialize(images, targets) before building the "
-                  "optimizer, or add them with optimizer.add_param_group({'params': "
-                  "distiller.projectors.parameters()}) and the loss's parameters", stacklevel=4)
+    warn_user("LRDet: distillation parameters (projectors or loss parameters) were created at the first "
+              "training step. Call distiller.materialize(images, targets) before building the "
+              "optimizer, or add them with optimizer.add_param_group({'params': "
+              "distiller.projectors.parameters()}) and the loss's parameters")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .errors import InputError, NonFiniteError
+from .warn import warn_user
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -85,11 +85,10 @@ def warn_if_not_lower_resolution(student: nn.Module, teachers: Mapping[str, nn.M
         if None in (s_min, s_max, t_min, t_max):
             continue
         if t_min <= s_min and t_max <= s_max:
-            warnings.warn(f"LRDet: the student resizes images to min_size={s_min}, max_size={s_max} and the "
-                          f"{who[n]} to min_size={t_min}, max_size={t_max}: the student is at the same or a higher "
-                          f"resolution than the {who[n]}, so there is no high-resolution view to distil from. "
-                          f"Build the student with a smaller min_size/max_size (or the teacher with larger ones).",
-                          stacklevel=3)
+            warn_user(f"LRDet: the student resizes images to min_size={s_min}, max_size={s_max} and the "
+                      f"{who[n]} to min_size={t_min}, max_size={t_max}: the student is at the same or a higher "
+                      f"resolution than the {who[n]}, so there is no high-resolution view to distil from. "
+                      f"Build the student with a smaller min_size/max_size (or the teacher with larger ones).")
 
 
 def _transform_size(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
@@ -153,8 +152,8 @@ def check_hr_scale(hr_scale: Any, torchvision: bool) -> None:
         raise InputError(f"expected hr_scale >= 1 (the HR view is the images resized by it), but got {hr_scale!r}, "
                          f"which makes the HR view smaller than the LR one")
     if hr_scale == 1:
-        warnings.warn("LRDet: hr_scale=1 makes the HR view the LR images themselves; the teacher sees no more "
-                      "detail than the student", stacklevel=3)
+        warn_user("LRDet: hr_scale=1 makes the HR view the LR images themselves; the teacher sees no more "
+                  "detail than the student")
 
 
 # --- batches ------------------------------------------------------------------------------------------------
@@ -347,7 +346,7 @@ def check_distill_value(value: Any, key: str, mode: str, per_level: Callable[[],
 def _report(mode: str, msg: str) -> None:
     if mode == "raise":
         raise NonFiniteError(msg)
-    warnings.warn("LRDet: " + msg, stacklevel=4)
+    warn_user("LRDet: " + msg)
 
 
 def check_batch(adapter: Any, images: Any, targets: Any, hr_images: Any, hr_targets: Any,
@@ -378,8 +377,8 @@ def check_batch(adapter: Any, images: Any, targets: Any, hr_images: Any, hr_targ
 
 def warn_hr_scale_unused(hr_scale: float) -> None:
     """An explicit HR view was given to a distiller built with ``hr_scale`` (said once per distiller)."""
-    warnings.warn(f"LRDet: hr_images were given, so hr_scale={hr_scale:g} is not used for this batch "
-                  f"(the explicit HR view wins whenever it is passed)", stacklevel=6)
+    warn_user(f"LRDet: hr_images were given, so hr_scale={hr_scale:g} is not used for this batch "
+              f"(the explicit HR view wins whenever it is passed)")
 
 
 def nonfinite_levels(loss: Callable, student: List[Tensor], teacher: List[Tensor], ctx: Any) -> List[str]:

@@ -155,3 +155,22 @@ def test_importing_the_library_imports_no_detector_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+# --- warnings -------------------------------------------------------------------------------------------
+def test_library_warnings_point_at_the_users_line_whatever_the_call_path(recwarn):
+    from lrdet_core import BridgeDistiller
+    from tiny import TinyDetector
+
+    torch.manual_seed(0)
+    student, teacher = TinyDetector(neck_channels=16), TinyDetector(neck_channels=24)
+    d = BridgeDistiller(student, teacher, split_points=SplitPoints("backbone", "neck"), hr_scale=2.0).train()
+    d.register_forward_hook(lambda m, i, o: None)  # one more frame inside nn.Module.__call__
+    images, targets = torch.rand(2, 3, 32, 32), [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]])}] * 2
+    hr = torch.nn.functional.interpolate(images, scale_factor=2.0, mode="bilinear")
+    # projectors created at the first step (late), and hr_scale unused since an HR view is given
+    d(images, targets, hr_images=hr, hr_targets=[{"boxes": t["boxes"] * 2} for t in targets])
+    ours = [w for w in recwarn.list if str(w.message).startswith("LRDet:")]
+    kinds = ("created at the first training step", "hr_scale=2 is not used")
+    assert {k for w in ours for k in kinds if k in str(w.message)} == set(kinds)
+    assert all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)[:40]) for w in ours]
