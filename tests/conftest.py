@@ -14,6 +14,8 @@ kernels as interpreted functions for the whole process.
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 #: Test modules that run the kernels through the interpreter on CPU tensors.
@@ -43,3 +45,15 @@ def pytest_ignore_collect(collection_path, config):
     if getattr(config, "lrdet_real_kernels", False) and collection_path.name in INTERPRETER_ONLY:
         return True
     return None
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: tiny models run several times faster with one thread than
+    with two on a shared 2-core machine (modules opt in with ``pytestmark``)."""
+    import torch  # not at the top: this file sets the Triton environment before anything imports torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrdet_core import BridgeDistiller, SplitPoints, inherit_weights, resample_to_hr
-from tiny import TinyDetector, batch, retinanet
+from tiny import RecordingLoss, TinyDetector, batch, retinanet, seeded
 
 torch.set_num_threads(2)
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
@@ -27,10 +27,6 @@ TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 # images gives 105x160 for the first).
 MIXED = ((100, 150), (120, 120))
 
-
-def _seeded(builder, seed=0, **kw):
-    torch.manual_seed(seed)
-    return builder(**kw)
 
 
 def _record_loss_targets(model):
@@ -46,28 +42,14 @@ def _record_loss_targets(model):
     return seen
 
 
-class _Recorder:
-    """A distillation loss callable that keeps what it was given and returns a fixed function of it."""
-
-    __name__ = "rec"
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, student, teacher, ctx):
-        value = sum(((s - t) ** 2).mean() for s, t in zip(student, teacher))
-        self.calls.append({"student": [s.detach().clone() for s in student],
-                           "teacher": [t.detach().clone() for t in teacher], "ctx": ctx, "value": value.detach()})
-        return value
-
 
 # --- 1. HR targets in the bridge (torchvision) --------------------------------------------------------------
 @functools.lru_cache(maxsize=None)  # one training call serves the two tests below
 def _torchvision_run(hr_source):
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=160)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=160)
     images, targets = batch(sizes=MIXED, n_boxes=2)
     seen = _record_loss_targets(student)
-    rec = _Recorder()
+    rec = RecordingLoss()
     d = BridgeDistiller(student, teacher, loss=rec, alpha=1.0, hr_source=hr_source).train()
     d(images, copy.deepcopy(targets))
     # The references: each detector's own transform, called directly on what it should receive.
@@ -129,7 +111,7 @@ def _tiny_targets():
 
 def test_custom_hr_scale_gives_scaled_boxes_in_the_bridge_and_the_context():
     torch.manual_seed(0)
-    student, rec = _SeenTiny(), _Recorder()
+    student, rec = _SeenTiny(), RecordingLoss()
     d = BridgeDistiller(student, TinyDetector(), split_points=TINY_SPLIT, hr_scale=1.5, loss=rec, alpha=1.0).train()
     images, targets = torch.rand(2, 3, 32, 48), _tiny_targets()
     d(images, targets)
@@ -146,7 +128,7 @@ def test_custom_hr_scale_gives_scaled_boxes_in_the_bridge_and_the_context():
 
 def test_custom_explicit_hr_targets_are_used_as_given():
     torch.manual_seed(0)
-    student, rec = _SeenTiny(), _Recorder()
+    student, rec = _SeenTiny(), RecordingLoss()
     # hr_scale is set too: an explicit HR view takes precedence over it.
     d = BridgeDistiller(student, TinyDetector(), split_points=TINY_SPLIT, hr_scale=1.5, loss=rec, alpha=1.0).train()
     images, targets = torch.rand(2, 3, 32, 48), _tiny_targets()
@@ -167,9 +149,9 @@ def test_custom_explicit_hr_targets_are_used_as_given():
 
 # --- 2. where the distilled student features come from -------------------------------------------------------
 def test_distilled_features_are_the_bridge_neck_at_the_teachers_sizes_times_alpha():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=160)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=160)
     images, targets = batch(sizes=MIXED)
-    rec = _Recorder()
+    rec = RecordingLoss()
     d = BridgeDistiller(student, teacher, loss=rec, alpha=0.37).train()
     body_out, fpn_in, fpn_out, t_body, t_neck = [], [], [], [], []
 
@@ -345,7 +327,7 @@ def test_distilled_features_land_where_each_image_belongs(bridge):
     # that cell in its own image, for the bridge (resampled backbone through the neck) and for Fitnet/Up
     # (resampled LR neck) alike.
     student, teacher = _ramp_retinanet(64, 96), _ramp_retinanet(128, 160)
-    rec = _Recorder()
+    rec = RecordingLoss()
     d = BridgeDistiller(student, teacher, loss=rec, alpha=1.0, bridge=bridge).train()
     images = [torch.rand(3, h, w) for h, w in LR_SIZES]
     hr_images = [torch.rand(3, h, w) for h, w in HR_SIZES]
@@ -374,7 +356,7 @@ def _tiny_pair():
 
 def _retinanet_pair():
     # Same architecture but the number of classes: only the classification logits differ in shape.
-    return _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128, num_classes=5)
+    return seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128, num_classes=5)
 
 
 @pytest.mark.parametrize("pair", [_tiny_pair, _retinanet_pair])

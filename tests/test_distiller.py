@@ -12,15 +12,11 @@ import lrdet_core.align as align_mod
 from lrdet_core import (BridgeDistiller, InputError, LevelMatchError, SplitPointError, SplitPoints, inherit_weights,
                         resample_to_hr)
 from reference import ref_cwd, ref_l1, ref_mse
-from tiny import TinyDetector, batch, faster_rcnn, fcos, mask_rcnn, retinanet
+from tiny import TinyDetector, batch, faster_rcnn, fcos, mask_rcnn, retinanet, seeded
 
 torch.set_num_threads(2)
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 
-
-def _seeded(builder, seed=0, **kw):
-    torch.manual_seed(seed)
-    return builder(**kw)
 
 
 def _exhaustive_sampling(model):
@@ -36,8 +32,8 @@ def test_bridge_on_genuine_hr_features_equals_real_hr_forward(builder):
     # Student and teacher at the same size: the bridge then receives the genuine HR backbone features
     # (resampling is the identity), so its losses must be those of a plain HR forward of the student.
     masks = builder is mask_rcnn
-    student = _seeded(builder, size=128)
-    teacher = _seeded(builder, seed=1, size=128)
+    student = seeded(builder, size=128)
+    teacher = seeded(builder, seed=1, size=128)
     if builder in (faster_rcnn, mask_rcnn):
         _exhaustive_sampling(student)
     images, targets = batch(masks=masks)
@@ -51,7 +47,7 @@ def test_bridge_on_genuine_hr_features_equals_real_hr_forward(builder):
 
 
 def test_bridge_loss_alone_reaches_every_trainable_student_parameter():
-    student, teacher = _seeded(retinanet, size=96), _seeded(retinanet, seed=1, size=192)
+    student, teacher = seeded(retinanet, size=96), seeded(retinanet, seed=1, size=192)
     d = BridgeDistiller(student, teacher).train()
     images, targets = batch(n_boxes=4)
     out = d(images, targets)
@@ -69,7 +65,7 @@ def _neck_recorder(model):
 
 
 def test_bridge_runs_at_hr_and_objective_is_the_sum():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     plain = copy.deepcopy(student).train()
     d = BridgeDistiller(student, teacher).train()
     s_necks, t_necks = _neck_recorder(student), _neck_recorder(teacher)
@@ -96,10 +92,10 @@ def test_resample_gradient_and_identity():
 
 @pytest.mark.parametrize("multiscale", [False, True])
 def test_distiller_aligns_with_each_images_own_sizes(monkeypatch, multiscale):
-    student = _seeded(retinanet, size=96)
+    student = seeded(retinanet, size=96)
     if multiscale:  # Table 3: a new LR size at every step (max_size high enough not to cap them all to one)
         student.transform.min_size, student.transform.max_size = (64, 80, 96), 200
-    teacher = _seeded(retinanet, seed=1, size=192)
+    teacher = seeded(retinanet, seed=1, size=192)
     calls = []
     real = align_mod.resample_to_hr
     monkeypatch.setattr(align_mod, "resample_to_hr", lambda *a: calls.append(a) or real(*a))
@@ -129,8 +125,8 @@ def test_distiller_aligns_with_each_images_own_sizes(monkeypatch, multiscale):
 # --- 3. HR view -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hr_source", ["teacher", "lr"])
 def test_hr_view_comes_from_the_teachers_transform(hr_source):
-    student = _seeded(mask_rcnn, size=64, max_size=256)
-    teacher = _seeded(mask_rcnn, seed=1, size=128, max_size=256)
+    student = seeded(mask_rcnn, size=64, max_size=256)
+    teacher = seeded(mask_rcnn, seed=1, size=128, max_size=256)
     got = {}
     teacher.transform.register_forward_hook(lambda m, i, o: got.update(inp=i[0], out=o))
     d = BridgeDistiller(student, teacher, hr_source=hr_source).train()
@@ -147,7 +143,7 @@ def test_hr_view_comes_from_the_teachers_transform(hr_source):
 
 
 def test_explicit_hr_view_and_pairing_errors():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     d = BridgeDistiller(student, teacher).train()
     images, targets = batch()
     hr_images = [F.interpolate(i[None], scale_factor=2.0, mode="bilinear")[0] for i in images]
@@ -170,7 +166,7 @@ def test_explicit_hr_view_and_pairing_errors():
 
 # --- 4. the teacher ---------------------------------------------------------------------------------
 def test_teacher_is_frozen_stops_at_its_neck_and_never_changes():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     head_calls = []
     teacher.head.register_forward_hook(lambda *a: head_calls.append(1))
@@ -221,7 +217,7 @@ def test_bridge_does_not_touch_batchnorm_running_stats():
 
 # --- 6. weight inheriting ------------------------------------------------------------------------------
 def test_inherit_weights_copies_matching_tensors_and_reports_the_rest():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128, num_classes=5)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128, num_classes=5)
     report = inherit_weights(student, teacher)
     s, t = student.state_dict(), teacher.state_dict()
     assert report.copied and all(torch.equal(s[k], t[k]) for k in report.copied)
@@ -229,7 +225,7 @@ def test_inherit_weights_copies_matching_tensors_and_reports_the_rest():
     assert "head.classification_head.cls_logits.weight" in names
     assert not torch.equal(s["head.classification_head.cls_logits.weight"][:1],
                            t["head.classification_head.cls_logits.weight"][:1])
-    student2 = _seeded(retinanet, seed=2, size=64)
+    student2 = seeded(retinanet, seed=2, size=64)
     d = BridgeDistiller(student2, teacher, inherit=True)
     assert d.inherit_report.copied == report.copied
     assert torch.equal(student2.backbone.body.conv1.weight, teacher.backbone.body.conv1.weight)
@@ -237,8 +233,8 @@ def test_inherit_weights_copies_matching_tensors_and_reports_the_rest():
 
 # --- 7. multi-teacher, 8. heterogeneous --------------------------------------------------------------------
 def test_one_bridge_per_teacher_with_namespaced_keys():
-    student = _seeded(retinanet, size=64)
-    teachers = {"t128": _seeded(retinanet, seed=1, size=128), "t96": _seeded(retinanet, seed=2, size=96)}
+    student = seeded(retinanet, size=64)
+    teachers = {"t128": seeded(retinanet, seed=1, size=128), "t96": seeded(retinanet, seed=2, size=96)}
     seen = []
     d = BridgeDistiller(student, teachers).train()
     student.backbone.fpn.register_forward_hook(lambda m, i, o: seen.append(o["0"].shape[-1]))
@@ -251,8 +247,8 @@ def test_one_bridge_per_teacher_with_namespaced_keys():
 
 
 def test_heterogeneous_teacher_matches_by_stride_and_projects_channels():
-    student = _seeded(retinanet, size=64, channels=32)          # strides 8..128: '0','1','2','p6','p7'
-    teacher = _seeded(faster_rcnn, seed=1, size=128, channels=48)  # strides 4..64: '0','1','2','3','pool'
+    student = seeded(retinanet, size=64, channels=32)          # strides 8..128: '0','1','2','p6','p7'
+    teacher = seeded(faster_rcnn, seed=1, size=128, channels=48)  # strides 4..64: '0','1','2','3','pool'
     calls = []
 
     def recording_loss(s, t, ctx):
@@ -288,7 +284,7 @@ def test_unmatchable_levels_are_a_clear_error():
 @pytest.mark.parametrize("student_b,teacher_b", [(fcos, fcos), (faster_rcnn, faster_rcnn), (faster_rcnn, retinanet),
                                                  (retinanet, faster_rcnn)])
 def test_adapter_training_steps(student_b, teacher_b):
-    student, teacher = _seeded(student_b, size=64), _seeded(teacher_b, seed=1, size=128)
+    student, teacher = seeded(student_b, size=64), seeded(teacher_b, seed=1, size=128)
     if student_b is faster_rcnn:
         _exhaustive_sampling(student)
     plain = copy.deepcopy(student).train()
@@ -308,7 +304,7 @@ def test_adapter_training_steps(student_b, teacher_b):
 
 
 def test_mask_rcnn_bridge_rois_knob():
-    student, teacher = _seeded(mask_rcnn, size=64), _seeded(mask_rcnn, seed=1, size=128)
+    student, teacher = seeded(mask_rcnn, size=64), seeded(mask_rcnn, seed=1, size=128)
     seen = []
     student.roi_heads.register_forward_pre_hook(lambda m, a: seen.append(m.fg_bg_sampler.batch_size_per_image))
     out = BridgeDistiller(student, teacher, bridge_rois=16).train()(*batch(masks=True))
@@ -317,7 +313,7 @@ def test_mask_rcnn_bridge_rois_knob():
 
 
 def test_upsample_distillation_mode_has_no_bridge():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     d = BridgeDistiller(student, teacher, bridge=False).train()
     s_necks, t_necks, lists = _neck_recorder(student), _neck_recorder(teacher), {}
     student.transform.register_forward_hook(lambda m, i, o: lists.update(lr=o[0]))
@@ -338,7 +334,7 @@ def test_upsample_distillation_mode_has_no_bridge():
 # --- 11. saving ---------------------------------------------------------------------------------------
 def test_state_dict_has_no_teacher_and_student_export_loads_strictly():
     keep_all = dict(score_thresh=0.0, detections_per_img=20)  # untrained scores are ~0.01: keep detections
-    student, teacher = _seeded(retinanet, size=64, **keep_all), _seeded(retinanet, seed=1, size=128, channels=48)
+    student, teacher = seeded(retinanet, size=64, **keep_all), seeded(retinanet, seed=1, size=128, channels=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         d = BridgeDistiller(student, teacher)
@@ -412,7 +408,7 @@ def test_custom_model_with_explicit_hr_view_and_inplace_ops_after_the_split_poin
 @pytest.mark.parametrize("loss", ["mse", "l1", "cwd", "fgd"])
 def test_training_step_with_each_loss(loss):
     from lrdet_core import RECOMMENDED_ALPHA
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     d = BridgeDistiller(student, teacher, loss=loss).train()
     assert d.alpha == RECOMMENDED_ALPHA[loss]
     if loss == "fgd":  # built at construction (the probe knows the channels): visible to the optimizer
@@ -446,7 +442,7 @@ def test_unknown_loss_name_lists_the_valid_ones():
 
 def test_nonfinite_distillation_term_names_the_level():
     from lrdet_core import NonFiniteError
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
 
     def loss(s, t, ctx):  # infinite only at stride 16
         return sum((a - b).pow(2).sum() * (float("inf") if st == 16 else 1.0) for a, b, st in zip(s, t, ctx.strides))
@@ -458,7 +454,7 @@ def test_nonfinite_distillation_term_names_the_level():
 
 
 def test_default_alpha_warns_once_when_distillation_dwarfs_detection():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     d = BridgeDistiller(student, teacher).train()  # untrained nets: 0.005 * MSE_sum is ~1e4 x L_det
     with pytest.warns(UserWarning, match=r"distill/mse = .* times the LR detection loss .* alpha=0.005\. alpha=.* "
                                          r"would make them equal"):

@@ -20,23 +20,13 @@ from torch import nn
 
 from _ddp_worker import BATCH, LOSSES, LR, STEPS, TINY_SPLIT, gn_tiny, make_distiller, part, step, tiny_batch
 from lrdet_core import BridgeDistiller, InputError, LRDetError, NonFiniteError
-from tiny import TinyDetector, batch, faster_rcnn, fcos, retinanet
+from tiny import TinyDetector, batch, faster_rcnn, fcos, retinanet, seeded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is several times faster than two on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _seeded(builder, seed=0, **kw):
-    torch.manual_seed(seed)
-    return builder(**kw)
 
 
 def _tiny_distiller(loss="mse", student=None, teacher=None, **kw):
@@ -339,8 +329,8 @@ def test_materialize_changes_nothing_but_the_new_parameters():
 # --- export ------------------------------------------------------------------------------------------------
 def test_trained_fcos_student_exports_to_a_fresh_torchvision_model():
     keep_all = dict(score_thresh=0.0, detections_per_img=20)  # untrained scores are low: keep detections
-    student = _seeded(fcos, size=64, **keep_all)
-    teacher = _seeded(fcos, seed=1, size=96, channels=64)  # other channels: projectors
+    student = seeded(fcos, size=64, **keep_all)
+    teacher = seeded(fcos, seed=1, size=96, channels=64)  # other channels: projectors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         d = BridgeDistiller(student, teacher).train()
@@ -417,7 +407,7 @@ def test_everything_is_put_back_when_the_forward_raises(where):
 
 @pytest.mark.parametrize("where", ["lr", "teacher", "bridge"])
 def test_torchvision_modules_and_roi_sampler_are_put_back_when_a_pass_raises(where):
-    student, teacher = _seeded(faster_rcnn, size=64), _seeded(faster_rcnn, seed=1, size=96)
+    student, teacher = seeded(faster_rcnn, size=64), seeded(faster_rcnn, seed=1, size=96)
     d = BridgeDistiller(student, teacher, bridge_rois=16).train()
     body, transform, tree, t_tree = student.backbone.body, student.transform, _tree(student), _tree(teacher)
     seen = []
@@ -460,7 +450,7 @@ def test_torchvision_modules_and_roi_sampler_are_put_back_when_a_pass_raises(whe
 def test_inplace_relu_after_a_torchvision_split_point():
     # torchvision's FPN reads the body's outputs directly; an in-place op there (a user's subclass or a
     # hook) would otherwise rewrite the LR features the bridge replays.
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=64)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=64)
     d = BridgeDistiller(student, teacher).train()
     images, targets = batch(sizes=((64, 64), (64, 64)))
     expected = d(images, targets)

@@ -11,22 +11,13 @@ from torch import nn
 from lrdet_core import (BridgeDistiller, InputError, LevelMatchError, NonFiniteError, SplitPointError,
                         SplitPoints, inherit_weights)
 from lrdet_core.losses import mse_loss
-from tiny import TinyDetector, batch, faster_rcnn, retinanet
+from tiny import TinyDetector, batch, faster_rcnn, retinanet, seeded
 
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _seeded(builder, seed=0, **kw):
-    torch.manual_seed(seed)
-    return builder(**kw)
 
 
 def _tiny(student=None, teacher=None, **kw):
@@ -66,7 +57,7 @@ def _forward_count(model):
 # --- 1. a teacher sharing the student's parts -------------------------------------------------------------
 def test_teacher_built_on_the_students_backbone_is_rejected_before_anything_is_frozen():
     from torchvision.models.detection import FasterRCNN
-    student = _seeded(faster_rcnn, size=64)
+    student = seeded(faster_rcnn, size=64)
     teacher = FasterRCNN(student.backbone, num_classes=3, min_size=128, max_size=128)
     with pytest.raises(InputError, match=r"share nothing with the student .* the teacher's module 'backbone' is the "
                                          r"student's module 'backbone'.*copy.deepcopy"):
@@ -266,7 +257,7 @@ def test_teacher_cast_to_another_dtype_gets_its_input_in_that_dtype(dtype, autoc
 
 
 def test_torchvision_teacher_in_bf16_is_probed_and_trained_with():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128, channels=48)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128, channels=48)
     d = BridgeDistiller(student, teacher.to(torch.bfloat16), alpha=1e-3).train()  # the probe runs the teacher
     assert sorted(d.projectors) == ["teacher_s128", "teacher_s16", "teacher_s32", "teacher_s64", "teacher_s8"]
     out = d(*batch())
@@ -296,7 +287,7 @@ def test_bad_option_values_are_rejected(kw, match):
 
 
 def test_bridge_rois_for_a_retinanet_student_is_rejected_and_alpha_zero_is_allowed():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     with pytest.raises(InputError, match=r"bridge_rois applies to R-CNN students .* but the student is a torchvision "
                                          r"RetinaNet; leave bridge_rois=None"):
         BridgeDistiller(student, teacher, bridge_rois=64)
@@ -340,7 +331,7 @@ def _with(targets, i, **changes):
 
 @pytest.fixture(scope="module")
 def retina_pair():
-    return _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128)
+    return seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -436,14 +427,14 @@ def test_hr_scale_and_hr_images_together_warn_once_that_the_explicit_view_wins()
 
 @pytest.mark.parametrize("s_size, t_size", [(128, 128), (128, 96)])
 def test_student_at_the_teachers_resolution_or_above_warns(s_size, t_size):
-    student, teacher = _seeded(retinanet, size=s_size), _seeded(retinanet, seed=1, size=t_size)
+    student, teacher = seeded(retinanet, size=s_size), seeded(retinanet, seed=1, size=t_size)
     with pytest.warns(UserWarning, match=rf"the student resizes images to min_size={s_size}, max_size={s_size} and "
                                          rf"the teacher to min_size={t_size}, max_size={t_size}: the student is at "
                                          rf"the same or a higher resolution"):
         BridgeDistiller(student, teacher, alpha=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        BridgeDistiller(student, _seeded(retinanet, seed=1, size=s_size + 32), alpha=1e-3)
+        BridgeDistiller(student, seeded(retinanet, seed=1, size=s_size + 32), alpha=1e-3)
         BridgeDistiller(student, teacher, alpha=1e-3, hr_source="lr")  # the paper's view: upsampled LR images
 
 
@@ -485,7 +476,7 @@ def test_loss_names_are_normalised_once(retina_pair):
 
 # --- 9. inherit across architectures ----------------------------------------------------------------------
 def test_inherit_report_counts_per_module():
-    student, teacher = _seeded(retinanet, size=64), _seeded(retinanet, seed=1, size=128, num_classes=5)
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128, num_classes=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same architecture: nothing looks mismatched
         report = inherit_weights(student, teacher)

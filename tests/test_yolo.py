@@ -20,6 +20,7 @@ from lrdet_core.adapters import adapter_for  # noqa: E402
 from lrdet_core.adapters.ultralytics import (PAD_VALUE, UltralyticsAdapter, YoloCut, from_yolo_batch,  # noqa: E402
                                              pad_images, run_layers, save_checkpoint, to_yolo_batch, yolo_cut)
 from lrdet_core.errors import InputError, LRDetError, SplitPointError  # noqa: E402
+from tiny import RecordingLoss  # noqa: E402
 
 torch.set_num_threads(2)
 NC = 3
@@ -52,20 +53,6 @@ def hr_batch():
                 "labels": torch.tensor([0, 1])}]
     return images, targets
 
-
-class _Recorder:
-    """A distillation loss that keeps what it was given."""
-
-    __name__ = "rec"
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, student, teacher, ctx):
-        value = sum(((s - t) ** 2).mean() for s, t in zip(student, teacher))
-        self.calls.append({"student": [s.detach().clone() for s in student],
-                           "teacher": [t.detach().clone() for t in teacher], "ctx": ctx, "value": value.detach()})
-        return value
 
 
 def _record_criterion(adapter):
@@ -195,7 +182,7 @@ def test_yolo11_pair_of_two_sizes_trains_without_creating_parameters_late():
 
 # --- 4. what the bridge is supervised with and what is distilled --------------------------------------------
 def test_lr_pass_gets_the_lr_boxes_and_the_bridge_the_hr_boxes_image_by_image():
-    student, rec = tiny(), _Recorder()
+    student, rec = tiny(), RecordingLoss()
     d = BridgeDistiller(student, tiny(seed=1), loss=rec, alpha=1.0).train()
     seen = _record_criterion(d.adapter)
     images, targets = lr_batch()
@@ -228,7 +215,7 @@ def test_hr_scale_gives_the_scaled_boxes_to_the_bridge():
 
 
 def test_distilled_features_are_the_bridges_detect_inputs_at_the_teachers_sizes_times_alpha():
-    student, teacher, rec = tiny(), tiny(seed=1), _Recorder()  # one width: no projector between them
+    student, teacher, rec = tiny(), tiny(seed=1), RecordingLoss()  # one width: no projector between them
     d = BridgeDistiller(student, teacher, loss=rec, alpha=0.37).train()
     s_detect, t_detect, lr_levels, neck_in = [], [], {}, {10: [], 11: [], 14: []}
     _pre_hook(student.model[-1], s_detect)
