@@ -45,11 +45,11 @@ def min_accesses(loss: str, levels: Sequence[Tuple[int, int]]) -> List[int]:
     """Element reads + writes per element of each level that the fused kernels make, forward + backward.
 
     The kernels recompute the gradient in backward with ``grad_output`` folded in (no stored gradient, no
-    fp16 underflow before a loss scale): MSE, L1, CWD read S and T forward (2), read S and T and write dS
-    backward (3): 5. FGD: 4 forward (statistics and focal passes), 3 backward: 7. Counted lane by lane by
-    ``benchmarks/count_launches.py``.
+    fp16 underflow before a loss scale): every loss reads S and T forward (2; FGD in one pass that also
+    gathers its attention statistics), reads S and T and writes dS backward (3): 5. Counted lane by lane
+    by ``benchmarks/count_launches.py``.
     """
-    return [7 if loss == "fgd" else 5] * len(levels)
+    return [5] * len(levels)
 
 
 def min_bytes(loss: str, levels, n: int, c: int, dtype: torch.dtype) -> int:
@@ -189,8 +189,8 @@ def copy_bytes(levels, n: int, c: int, dtype: torch.dtype) -> int:
 def bytes_bound(loss: str, levels, n: int, c: int, dtype: torch.dtype) -> float:
     """The least time/copy ratio the loss can reach: its minimum bytes over the copy proxy's bytes.
 
-    At the proxy's bandwidth the loss needs ``min_bytes / copy_bytes`` of the proxy's time; e.g. 1.0
-    for MSE and L1 (3 accesses per element, as the proxy), 5/3 for FGD.
+    At the proxy's bandwidth the loss needs ``min_bytes / copy_bytes`` of the proxy's time: 5/3 for every
+    loss (5 accesses per element; the proxy makes 3).
     """
     return min_bytes(loss, levels, n, c, dtype) / copy_bytes(levels, n, c, dtype)
 

@@ -333,8 +333,8 @@ FGD_PYRAMID = [(5, 13, 21, 4), (3, 7, 11, 8), (6, 4, 6, 16), (2, 3, 5, 8), (4, 9
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "mixed"])
 def test_fgd_loss_all_levels_in_each_launch_match_reference(monkeypatch, layout):
-    # FGDLoss(backend="triton") runs every level through one stats, one focal and one backward
-    # launch (per group of six): values and gradients of every level against float64, per level.
+    # FGDLoss(backend="triton") runs every level through one forward, one combine and one backward
+    # launch (per group of six, and per channel tile in forward): values and gradients of every level against float64, per level.
     from lrdet_core.losses import FGDLoss
     from lrdet_core.losses import _common as losses_common
 
@@ -387,6 +387,49 @@ def test_fgd_weights_scale_terms_and_gradient():
     out3 = fgd.fgd_focal_attention_triton([s3], [t], [fg], [bg], 0.5)
     (2 * out3[0] + 3 * out3[1] + 4 * out3[2]).backward()  # recompute path gives the same gradient
     torch.testing.assert_close(s2.grad, s3.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fgd_one_pass_forward_across_programs_with_large_logits(monkeypatch, channels_last):
+    # The forward pass sums M(p) e^(a_T(p) - m) (S - T)^2 with each program's running maximum m of
+    # the spatial logits, over several sub-blocks and several programs per image; the combine kernel
+    # loops over more pixels and more programs than one step takes (steps shrunk to keep it small). Teacher logits ~300-320 (e^89 overflows fp32), ~20
+    # higher around a bump placed elsewhere in each image, so a missing rescale or maximum shows.
+    n, c, h, w = 2, 64, 40, 40
+    monkeypatch.setattr(fgd, "COMBINE_BLOCK", 512)
+    monkeypatch.setattr(fgd, "COMBINE_TILE", 256)
+    block_c, sub_hw, subs = fgd.forward_tile(c, channels_last)
+    programs = -(-h * w // (sub_hw * subs))
+    assert programs > 2 * fgd.combine_tile(c)["BLOCK_K"] and subs > 1 and h * w > 2 * fgd.COMBINE_BLOCK
+    g = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    bump = torch.stack([torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 40.0) for cy, cx in ((30, 8), (5, 33))])
+    t = (150 + 10 * bump[:, None]) * torch.randn(n, c, h, w, generator=g).sign()
+    t = t * (1 + 0.05 * torch.randn(1, c, h, 1, generator=g))  # channel attention that differs row by row
+    s = t + 3 * torch.randn(n, c, h, w, generator=g)
+    if channels_last:
+        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    s.requires_grad_()
+    boxes = [torch.tensor([[40.0, 200.0, 120.0, 300.0]]), torch.tensor([[200.0, 0.0, 300.0, 100.0]])]
+    fg, bg = (m.float() for m in reference.ref_fgd_masks(boxes, (h * 8, w * 8), 8, (h, w)))
+    out = fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], 0.5)
+    leaf = s.detach().double().requires_grad_()
+    want = _fgd64(leaf, t.double(), fg, bg, 0.5)
+    assert want[0].item() > 0 and want[1].item() > 0
+    # Ill-conditioned on purpose: a logit of ~310 summed over 64 channels in fp32 is off by ~1e-4, and
+    # so is every e^logit relatively (eager fp32 is off by ~1e-5 here). A missing rescale is off by e^k.
+    for got, exp in zip(out, want):
+        torch.testing.assert_close(got.double(), exp.detach(), rtol=1e-3, atol=0)
+    sum(out).backward()
+    sum(want).backward()
+    torch.testing.assert_close(s.grad.double(), leaf.grad, rtol=1e-3, atol=1e-3 * leaf.grad.abs().max().item())
+
+
+def test_fgd_wider_features_than_the_tile_are_an_error():
+    s = torch.zeros(1, fgd.MAX_CHANNELS + 1, 1, 1)
+    m = torch.ones(1, 1, 1)
+    with pytest.raises(LossError, match="at most 4096 channels.*backend='torch'"):
+        fgd.fgd_focal_attention_triton([s], [s], [m], [m], 0.5)
 
 
 def test_fgd_teacher_and_masks_constant():
@@ -648,9 +691,9 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
 # CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
 # FGD: one stats launch, one focal launch and one sum forward, one backward launch, for all five levels.
 BYTES_AND_LAUNCHES = {"mse": ((2, 3), (2, 1)), "l1": ((2, 3), (2, 1)), "cwd": ((2, 3), (4, 3)),
-                      "cwd_cl": ((2, 3), (3, 1)), "fgd": ((4, 3), (3, 1))}
+                      "cwd_cl": ((2, 3), (3, 1)), "fgd": ((2, 3), (2, 1))}
 # FGD's other kernel ops per call (fwd, bwd) on RetinaNet P3-P7, and the masks' share of the forward.
-FGD_TORCH_OPS = (371, 141)
+FGD_TORCH_OPS = (202, 141)
 FGD_MASK_OPS = 60
 
 

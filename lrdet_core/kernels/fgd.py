@@ -13,27 +13,32 @@ weight the focal terms). The student's gradient of ``L_att`` flows through ``A_S
 ``A_C(S)``: per element it is ``sign(S) * (ga[n, hw] + gb[n, c])`` with per-pixel ``ga`` and
 per-channel ``gb`` from the softmax Jacobians. The masks get no gradient.
 
-Passes (all streaming ones tiled ``BLOCK_C x BLOCK_HW`` over one sample). Each pass is one
-launch for all levels (per group of :data:`~._common.MAX_LEVELS`): programs are laid out level
-after level and a slot table (one pointer/size/offset set per level, built by
-:func:`._common.launch_levels`) tells a program its level (:func:`._common.level_slot`); the small
-side buffers hold the levels one after the other.
+Passes. Each is one launch for all levels (per group of :data:`~._common.MAX_LEVELS`, and in
+forward per channel tile): programs are laid out level after level and a slot table (one
+pointer/size/offset set per level, built by :func:`._common.launch_levels`) tells a program its
+level (:func:`._common.level_slot`); the small side buffers hold the levels one after the other.
 
-1. ``_fgd_stats_kernel`` reads S and T once: per-pixel sums of ``|x|`` over C (complete per
-   program) and per-channel partial sums over each pixel block (reduced by ``torch.sum``).
-2. Tiny ``N x HW`` / ``N x C`` torch ops per level: the attention maps, ``L_att`` and its
-   gradient factors, and the per-pixel factors of the focal terms.
-3. ``_fgd_focal_kernel`` reads S and T again and writes per-program partials of ``L_fg`` and
-   ``L_bg`` (summed by one launch for both).
-4. Backward: ``_fgd_backward_kernel`` reads S and T and writes the whole gradient
+1. ``_fgd_forward_kernel`` reads S and T **once**. A program owns about :data:`FWD_PIXELS` pixels
+   of one image with all their channels, so the per-pixel sums ``sum_c |x|`` (hence the teacher's
+   spatial logits ``a_T``) are complete in registers. The focal sums need ``A_S(T)``, a softmax
+   over *all* pixels, which no program knows; but it factors into ``e^(a_T(p) - m) / z``, so
+   each program sums ``M(p) e^(a_T(p) - m) (S - T)^2`` per channel with its own running maximum
+   ``m`` (rescaling as it goes, as a streaming softmax does) and writes those sums, the channel
+   sums of ``|S|`` and ``|T|`` and ``m``: ``O(N C HW / FWD_PIXELS)`` floats.
+2. ``_fgd_combine_kernel``, one program per (level, image), reads only those side buffers: the
+   four attention maps, ``L_fg``, ``L_bg`` (each program's sums brought to the image's maximum)
+   and ``L_att``, and the per-pixel and per-channel factors of ``L_att``'s gradient. A fixed-order
+   ``torch.sum`` over its rows gives the three terms.
+3. Backward: ``_fgd_backward_kernel`` reads S and T and writes the whole gradient
    ``d(go_fg w_fg L_fg + go_bg w_bg L_bg + go_att w_att L_att)/dS`` from per-pixel and
    per-channel factors that already carry the three ``grad_output`` values (device tensors:
    no host sync). Nothing of the features' size is stored between the passes, and the
    gradient is rounded to the student's dtype once, after ``grad_output`` is applied.
 
-Bytes moved (minimum, per element): forward **4** element accesses (passes 1 and 3 each read
-S and T), backward **3** (read S and T, write the gradient): **7** in all. The per-pixel and
-per-channel buffers are ``O(N (HW + C HW / BLOCK_HW))``, about 1-2 % of the features at C=256.
+Bytes moved (per element): forward **2** element accesses (S and T once), backward **3** (read S
+and T, write the gradient): **5** in all. The side buffers are ``O(N (HW + 4 C HW / FWD_PIXELS))``
+floats: written and read back, with the masks, ~100 bytes per pixel, about 4 % on top of the
+features' 2,560 bytes per pixel (fwd + bwd) at C = 256 in bf16.
 
 Layouts: contiguous NCHW and channels_last are indexed without a copy (``CL`` flag, one per
 launch); anything else, a student and teacher in different layouts, or a channels_last level in
@@ -51,17 +56,24 @@ from torch import Tensor
 
 from ..errors import LossError
 from ._common import (MAX_LEVELS, TRITON_DTYPE, Slot, check_level_lists, check_once, check_pair, launch_levels,
-                      level_slot, nchw_layout, split_program, sum_partials)
+                      level_slot, nchw_layout, split_program)
 
-#: Tile (channels, pixels) of the two streaming passes by layout: 2048 elements over 8 warps,
-#: longer along the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread
-#: under ptxas (one block per SM); 16 x 128 under channels_last spilled on sm80 for bf16.
+#: Tile (channels, pixels) of the backward pass by layout: 2048 elements over 8 warps, longer along
+#: the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread under ptxas (one block
+#: per SM); 16 x 128 under channels_last spilled on sm80 for bf16.
 TILES = {False: (16, 128), True: (32, 64)}
-#: Stats pass: one program owns BLOCK_HW_STATS pixels and loops over all channels, so its
-#: per-pixel sums are complete without a second reduction.
-BLOCK_C_STATS = 32
-BLOCK_HW_STATS = 64
+#: Forward pass: a program owns about FWD_PIXELS pixels of one image and walks them in sub-blocks
+#: of ``FWD_TILE[CL] // BLOCK_C`` pixels x all channels (``BLOCK_C``: C rounded up to a power of
+#: two), so every per-pixel sum over C is complete in registers. NCHW sub-blocks are 16 pixels
+#: wide at C = 256 (one 32-byte sector per channel row in bf16); channels_last rows are contiguous.
+FWD_TILE = {False: 4096, True: 2048}
+FWD_PIXELS = 128
+#: The forward tile holds all channels of a pixel; wider features go to the eager backend.
+MAX_CHANNELS = 4096
 NUM_WARPS = 8
+#: Pixels per step of the combine kernel's loops, and elements of its (programs x channels) tile.
+COMBINE_BLOCK = 4096
+COMBINE_TILE = 4096
 
 
 @triton.jit
@@ -77,71 +89,256 @@ def _tile_offsets(n, c, hw, C, HW, CL: tl.constexpr):
 #: Per-level integers the JIT does not specialise: program-range ends and side-buffer offsets
 #: change with every pyramid and buy no vectorisation (C and HW stay specialised).
 NO_SPECIALISE = [f"{n}{i}" for i in range(MAX_LEVELS) for n in ("nb", "e", "po", "co")]
+NO_SPECIALISE_FORWARD = NO_SPECIALISE + [f"mo{i}" for i in range(MAX_LEVELS)]
+
+
+def combine_tile(channels: int) -> dict:
+    """Constexprs of the combine kernel for pyramids of at most ``channels`` channels."""
+    block_c = triton.next_power_of_2(channels)
+    return {"BLOCK_C": block_c, "BLOCK_P": COMBINE_BLOCK, "BLOCK_K": max(1, COMBINE_TILE // block_c)}
+
+
+def forward_tile(channels: int, channels_last: bool) -> Tuple[int, int, int]:
+    """``(BLOCK_C, SUB_HW, SUBS)`` of the forward pass for features with ``channels`` channels."""
+    block_c = triton.next_power_of_2(channels)
+    sub_hw = max(1, FWD_TILE[channels_last] // block_c)
+    return block_c, sub_hw, max(1, FWD_PIXELS // sub_hw)
 
 
 @triton.jit
-def _fgd_stats_block(s_ptr, t_ptr, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C, HW, n_hwb, po, co,
-                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    hb = local % n_hwb
-    n = local // n_hwb
-    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    hw_mask = hw < HW
-    pix_s = tl.zeros([BLOCK_HW], dtype=tl.float32)
-    pix_t = tl.zeros([BLOCK_HW], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & hw_mask[None, :]
+def _fgd_forward_block(s_ptr, t_ptr, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C, HW, nb,
+                       po, co, mo, inv_ct, BLOCK_C: tl.constexpr, SUB_HW: tl.constexpr, SUBS: tl.constexpr,
+                       CL: tl.constexpr):
+    # One pass over S and T for the pixels [hb * SUBS * SUB_HW, ...) of image n. With
+    # w(p) = exp(a_T(p) - m), a_T(p) = sum_c |T| / (C temp) and m the program's running maximum of
+    # a_T, it writes per channel c:
+    #   q_fg[c] = sum_p M_fg(p) w(p) (S - T)^2,  q_bg[c] likewise,  sum_p |S|,  sum_p |T|
+    # and m; per pixel sum_c |S| and sum_c |T|. The attention maps need sums over all pixels and
+    # all channels, so L_fg = HW/N sum_n sum_c A_C(T)[c] sum_programs e^(m - M) q_fg[c] / Z is
+    # finished on the host side from these O(N C HW / FWD_PIXELS) partials.
+    hb = local % nb
+    n = local // nb
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    q_fg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    q_bg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    abs_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+    abs_t = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m = tl.max(tl.full([SUB_HW], float("-inf"), tl.float32), axis=0)
+    for j in range(SUBS):
+        hw = (hb * SUBS + j) * SUB_HW + tl.arange(0, SUB_HW)
+        hw_mask = hw < HW
+        mask = c_mask[:, None] & hw_mask[None, :]
         offs = _tile_offsets(n, c, hw, C, HW, CL)
-        s = tl.abs(tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        t = tl.abs(tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        pix_s += tl.sum(s, axis=0)
-        pix_t += tl.sum(t, axis=0)
-        # Channel sums over this pixel block only; the level's [N, C, n_hwb] block is summed by
-        # torch later (fixed order, no atomics).
-        ch_offs = co + (n.to(tl.int64) * C + c) * n_hwb + hb
-        tl.store(ch_s_ptr + ch_offs, tl.sum(s, axis=1), mask=c < C)
-        tl.store(ch_t_ptr + ch_offs, tl.sum(t, axis=1), mask=c < C)
-    pix_offs = po + n.to(tl.int64) * HW + hw
-    tl.store(pix_s_ptr + pix_offs, pix_s, mask=hw_mask)
-    tl.store(pix_t_ptr + pix_offs, pix_t, mask=hw_mask)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        pix = po + n.to(tl.int64) * HW + hw
+        pix_t = tl.sum(tl.abs(t), axis=0)
+        tl.store(pix_s_ptr + pix, tl.sum(tl.abs(s), axis=0), mask=hw_mask)
+        tl.store(pix_t_ptr + pix, pix_t, mask=hw_mask)
+        abs_s += tl.sum(tl.abs(s), axis=1)
+        abs_t += tl.sum(tl.abs(t), axis=1)
+        logit = tl.where(hw_mask, pix_t * inv_ct, float("-inf"))
+        # Online maximum as in a streaming softmax: the first sub-block always holds a pixel, so m is
+        # finite from then on and exp(m_old - m) rescales what was summed before.
+        m_new = tl.maximum(m, tl.max(logit, axis=0))
+        w = tl.exp(logit - m_new)
+        fg = tl.load(fg_ptr + pix, mask=hw_mask, other=0.0) * w
+        bg = tl.load(bg_ptr + pix, mask=hw_mask, other=0.0) * w
+        d = s - t
+        dd = d * d
+        r = tl.exp(m - m_new)
+        q_fg = q_fg * r + tl.sum(dd * fg[None, :], axis=1)
+        q_bg = q_bg * r + tl.sum(dd * bg[None, :], axis=1)
+        m = m_new
+    # [N, nb, 4, C] per level: q_fg, q_bg, sum |S|, sum |T|.
+    row = co + local.to(tl.int64) * 4 * C + c
+    tl.store(ch_ptr + row, q_fg, mask=c_mask)
+    tl.store(ch_ptr + row + C, q_bg, mask=c_mask)
+    tl.store(ch_ptr + row + 2 * C, abs_s, mask=c_mask)
+    tl.store(ch_ptr + row + 3 * C, abs_t, mask=c_mask)
+    tl.store(m_ptr + mo + local, m)
 
 
-@triton.jit(do_not_specialize=NO_SPECIALISE)
-def _fgd_stats_kernel(pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr,
-                      s0, t0, C0, HW0, nb0, e0, po0, co0,
-                      s1, t1, C1, HW1, nb1, e1, po1, co1,
-                      s2, t2, C2, HW2, nb2, e2, po2, co2,
-                      s3, t3, C3, HW3, nb3, e3, po3, co3,
-                      s4, t4, C4, HW4, nb4, e4, po4, co4,
-                      s5, t5, C5, HW5, nb5, e5, po5, co5,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    # Programs are laid out level after level (see level_slot), each owning BLOCK_HW pixels of one
-    # sample and looping over all channels.
+@triton.jit(do_not_specialize=NO_SPECIALISE_FORWARD)
+def _fgd_forward_kernel(fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr,
+                        s0, t0, C0, HW0, nb0, e0, po0, co0, mo0, ict0,
+                        s1, t1, C1, HW1, nb1, e1, po1, co1, mo1, ict1,
+                        s2, t2, C2, HW2, nb2, e2, po2, co2, mo2, ict2,
+                        s3, t3, C3, HW3, nb3, e3, po3, co3, mo3, ict3,
+                        s4, t4, C4, HW4, nb4, e4, po4, co4, mo4, ict4,
+                        s5, t5, C5, HW5, nb5, e5, po5, co5, mo5, ict5,
+                        BLOCK_C: tl.constexpr, SUB_HW: tl.constexpr, SUBS: tl.constexpr, CL: tl.constexpr):
+    # Programs are laid out level after level (see level_slot), each owning SUBS x SUB_HW pixels of
+    # one image and all its channels.
     pid = tl.program_id(0)
     mine, local = level_slot(pid, 0, e0)
     if mine:
-        _fgd_stats_block(s0, t0, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C0, HW0, nb0, po0, co0,
-                         BLOCK_C, BLOCK_HW, CL)
+        _fgd_forward_block(s0, t0, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C0, HW0, nb0,
+                           po0, co0, mo0, ict0, BLOCK_C, SUB_HW, SUBS, CL)
     mine, local = level_slot(pid, e0, e1)
     if mine:
-        _fgd_stats_block(s1, t1, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C1, HW1, nb1, po1, co1,
-                         BLOCK_C, BLOCK_HW, CL)
+        _fgd_forward_block(s1, t1, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C1, HW1, nb1,
+                           po1, co1, mo1, ict1, BLOCK_C, SUB_HW, SUBS, CL)
     mine, local = level_slot(pid, e1, e2)
     if mine:
-        _fgd_stats_block(s2, t2, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C2, HW2, nb2, po2, co2,
-                         BLOCK_C, BLOCK_HW, CL)
+        _fgd_forward_block(s2, t2, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C2, HW2, nb2,
+                           po2, co2, mo2, ict2, BLOCK_C, SUB_HW, SUBS, CL)
     mine, local = level_slot(pid, e2, e3)
     if mine:
-        _fgd_stats_block(s3, t3, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C3, HW3, nb3, po3, co3,
-                         BLOCK_C, BLOCK_HW, CL)
+        _fgd_forward_block(s3, t3, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C3, HW3, nb3,
+                           po3, co3, mo3, ict3, BLOCK_C, SUB_HW, SUBS, CL)
     mine, local = level_slot(pid, e3, e4)
     if mine:
-        _fgd_stats_block(s4, t4, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C4, HW4, nb4, po4, co4,
-                         BLOCK_C, BLOCK_HW, CL)
+        _fgd_forward_block(s4, t4, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C4, HW4, nb4,
+                           po4, co4, mo4, ict4, BLOCK_C, SUB_HW, SUBS, CL)
     mine, local = level_slot(pid, e4, e5)
     if mine:
-        _fgd_stats_block(s5, t5, pix_s_ptr, pix_t_ptr, ch_s_ptr, ch_t_ptr, local, C5, HW5, nb5, po5, co5,
-                         BLOCK_C, BLOCK_HW, CL)
+        _fgd_forward_block(s5, t5, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C5, HW5, nb5,
+                           po5, co5, mo5, ict5, BLOCK_C, SUB_HW, SUBS, CL)
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))  # sign(0) = 0, as torch.sign
+
+
+@triton.jit
+def _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, n,
+                       C, HW, nb, po, co, pco, mo, ict, ihwt, inv_n, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # One image of one level: its attention maps, its share of the three terms and the gradient
+    # factors of L_att, from the forward pass's per-pixel sums and per-program channel partials.
+    # Fixed loop orders: the result is bitwise identical run to run.
+    base = po + n.to(tl.int64) * HW
+    lanes = tl.arange(0, BLOCK_P)
+    # 1. Softmax statistics of a_S and a_T over the pixels: per-lane running maxima and sums.
+    vms = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    vmt = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    vzs = tl.zeros([BLOCK_P], dtype=tl.float32)
+    vzt = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_P):
+        p = start + lanes
+        a_s = tl.where(p < HW, tl.load(pix_s_ptr + base + p, mask=p < HW, other=0.0) * ict, float("-inf"))
+        a_t = tl.where(p < HW, tl.load(pix_t_ptr + base + p, mask=p < HW, other=0.0) * ict, float("-inf"))
+        new_s = tl.maximum(vms, a_s)
+        new_t = tl.maximum(vmt, a_t)
+        # A lane that has seen no pixel yet keeps max -inf: shift by 0 there (exp(-inf) = 0, no NaN).
+        ref_s = tl.where(new_s == float("-inf"), 0.0, new_s)
+        ref_t = tl.where(new_t == float("-inf"), 0.0, new_t)
+        vzs = vzs * tl.exp(vms - ref_s) + tl.exp(a_s - ref_s)
+        vzt = vzt * tl.exp(vmt - ref_t) + tl.exp(a_t - ref_t)
+        vms = new_s
+        vmt = new_t
+    ms = tl.max(vms, axis=0)
+    mt = tl.max(vmt, axis=0)
+    zs = tl.sum(vzs * tl.exp(vms - ms), axis=0)
+    zt = tl.sum(vzt * tl.exp(vmt - mt), axis=0)
+    # 2. A_S(T) (kept for backward), sum |A_S(S) - A_S(T)| and sum_p u p of the softmax Jacobian.
+    att = 0.0
+    sup = 0.0
+    for start in range(0, HW, BLOCK_P):
+        p = start + lanes
+        a_s = tl.load(pix_s_ptr + base + p, mask=p < HW, other=0.0) * ict
+        a_t = tl.load(pix_t_ptr + base + p, mask=p < HW, other=0.0) * ict
+        as_s = tl.where(p < HW, HW * tl.exp(a_s - ms) / zs, 0.0)
+        as_t = tl.where(p < HW, HW * tl.exp(a_t - mt) / zt, 0.0)
+        d = as_s - as_t
+        att += tl.sum(tl.abs(d), axis=0)
+        sup += tl.sum(_sign(d) * inv_n * as_s / HW, axis=0)
+        tl.store(as_t_ptr + base + p, as_t, mask=p < HW)
+    # 3. d(sum |A_S(S) - A_S(T)| / N)/d(sum_c |S| per pixel): A_S(S) (u - sup) / (C temp).
+    for start in range(0, HW, BLOCK_P):
+        p = start + lanes
+        a_s = tl.load(pix_s_ptr + base + p, mask=p < HW, other=0.0) * ict
+        a_t = tl.load(pix_t_ptr + base + p, mask=p < HW, other=0.0) * ict
+        as_s = HW * tl.exp(a_s - ms) / zs
+        u = _sign(as_s - HW * tl.exp(a_t - mt) / zt) * inv_n
+        tl.store(ga_ptr + base + p, as_s * (u - sup) * ict, mask=p < HW)
+    # 4. Channels: each program's partials were summed relative to its own maximum m_k; bring them to
+    # mt, the image's maximum (the largest m_k: the same fp32 logits), as z above is.
+    progs = mo + n.to(tl.int64) * nb
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    # BLOCK_K programs' rows per step: one short loop even for P3's ~130 programs per image.
+    q_fg = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    q_bg = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    sum_s = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    sum_t = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, nb, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < nb
+        r = tl.exp(tl.load(m_ptr + progs + k, mask=km, other=float("-inf")) - mt)[:, None]
+        row = pco + ((n.to(tl.int64) * nb + k) * 4 * C)[:, None] + c[None, :]
+        mask = km[:, None] & cm[None, :]
+        q_fg += r * tl.load(ch_ptr + row, mask=mask, other=0.0)
+        q_bg += r * tl.load(ch_ptr + row + C, mask=mask, other=0.0)
+        sum_s += tl.load(ch_ptr + row + 2 * C, mask=mask, other=0.0)
+        sum_t += tl.load(ch_ptr + row + 3 * C, mask=mask, other=0.0)
+    q_fg = tl.sum(q_fg, axis=0)
+    q_bg = tl.sum(q_bg, axis=0)
+    sum_s = tl.sum(sum_s, axis=0)
+    sum_t = tl.sum(sum_t, axis=0)
+    b_s = tl.where(cm, sum_s * ihwt, float("-inf"))
+    b_t = tl.where(cm, sum_t * ihwt, float("-inf"))
+    e_s = tl.exp(b_s - tl.max(b_s, axis=0))
+    e_t = tl.exp(b_t - tl.max(b_t, axis=0))
+    ac_s = C * e_s / tl.sum(e_s, axis=0)
+    ac_t = C * e_t / tl.sum(e_t, axis=0)
+    dc = ac_s - ac_t
+    att += tl.sum(tl.abs(dc), axis=0)
+    uc = _sign(dc) * inv_n
+    gb = ac_s * (uc - tl.sum(uc * ac_s / C, axis=0)) * ihwt
+    chan = co + n.to(tl.int64) * C + c
+    tl.store(ac_t_ptr + chan, ac_t, mask=cm)
+    tl.store(gb_ptr + chan, gb, mask=cm)
+    # L_fg N = sum_c A_C(T)[c] sum_p M_fg A_S(T)(p) (S - T)^2 with A_S(T)(p) = HW e^(a_T(p) - mt) / zt.
+    tl.store(out_ptr + pid * 3, HW * tl.sum(ac_t * q_fg, axis=0) / zt)
+    tl.store(out_ptr + pid * 3 + 1, HW * tl.sum(ac_t * q_bg, axis=0) / zt)
+    tl.store(out_ptr + pid * 3 + 2, att)
+
+
+#: Every integer of the combine kernel varies with the pyramid and buys no vectorisation.
+NO_SPECIALISE_COMBINE = [f"{n}{i}" for i in range(MAX_LEVELS)
+                         for n in ("C", "HW", "nb", "e", "po", "co", "pco", "mo")]
+
+
+@triton.jit(do_not_specialize=NO_SPECIALISE_COMBINE)
+def _fgd_combine_kernel(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, inv_n,
+                        C0, HW0, nb0, e0, po0, co0, pco0, mo0, ict0, ihwt0,
+                        C1, HW1, nb1, e1, po1, co1, pco1, mo1, ict1, ihwt1,
+                        C2, HW2, nb2, e2, po2, co2, pco2, mo2, ict2, ihwt2,
+                        C3, HW3, nb3, e3, po3, co3, pco3, mo3, ict3, ihwt3,
+                        C4, HW4, nb4, e4, po4, co4, pco4, mo4, ict4, ihwt4,
+                        C5, HW5, nb5, e5, po5, co5, pco5, mo5, ict5, ihwt5,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per (level, image), levels one after the other (see level_slot); out holds a
+    # row (N L_fg, N L_bg, N L_att) per program.
+    pid = tl.program_id(0)
+    mine, local = level_slot(pid, 0, e0)
+    if mine:
+        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
+                           C0, HW0, nb0, po0, co0, pco0, mo0, ict0, ihwt0, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
+    mine, local = level_slot(pid, e0, e1)
+    if mine:
+        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
+                           C1, HW1, nb1, po1, co1, pco1, mo1, ict1, ihwt1, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
+    mine, local = level_slot(pid, e1, e2)
+    if mine:
+        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
+                           C2, HW2, nb2, po2, co2, pco2, mo2, ict2, ihwt2, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
+    mine, local = level_slot(pid, e2, e3)
+    if mine:
+        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
+                           C3, HW3, nb3, po3, co3, pco3, mo3, ict3, ihwt3, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
+    mine, local = level_slot(pid, e3, e4)
+    if mine:
+        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
+                           C4, HW4, nb4, po4, co4, pco4, mo4, ict4, ihwt4, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
+    mine, local = level_slot(pid, e4, e5)
+    if mine:
+        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
+                           C5, HW5, nb5, po5, co5, pco5, mo5, ict5, ihwt5, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
 
 
 @triton.jit
@@ -157,63 +354,6 @@ def _fgd_tile(local, C, HW, nb, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # local -> (sample, channel block, pixel block), pixel blocks fastest.
     n, cb, hb = split_program(local, nb, tl.cdiv(C, BLOCK_C))
     return n, cb * BLOCK_C + tl.arange(0, BLOCK_C), hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-
-
-@triton.jit
-def _fgd_focal_block(s_ptr, t_ptr, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C, HW, nb,
-                     po, co, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    n, c, hw = _fgd_tile(local, C, HW, nb, BLOCK_C, BLOCK_HW)
-    hw_mask = hw < HW
-    c_mask = c < C
-    mask = c_mask[:, None] & hw_mask[None, :]
-    offs = _tile_offsets(n, c, hw, C, HW, CL)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pix = po + n.to(tl.int64) * HW + hw
-    pf = tl.load(pf_ptr + pix, mask=hw_mask, other=0.0)
-    pb = tl.load(pb_ptr + pix, mask=hw_mask, other=0.0)
-    act = tl.load(act_ptr + co + n.to(tl.int64) * C + c, mask=c_mask, other=0.0)
-    d = s - t
-    col = tl.sum(act[:, None] * d * d, axis=0)  # per pixel: sum_c A_C(T) (S - T)^2
-    tl.store(fg_part_ptr + pid, tl.sum(col * pf, axis=0))
-    tl.store(bg_part_ptr + pid, tl.sum(col * pb, axis=0))
-
-
-@triton.jit(do_not_specialize=NO_SPECIALISE)
-def _fgd_focal_kernel(pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr,
-                      s0, t0, C0, HW0, nb0, e0, po0, co0,
-                      s1, t1, C1, HW1, nb1, e1, po1, co1,
-                      s2, t2, C2, HW2, nb2, e2, po2, co2,
-                      s3, t3, C3, HW3, nb3, e3, po3, co3,
-                      s4, t4, C4, HW4, nb4, e4, po4, co4,
-                      s5, t5, C5, HW5, nb5, e5, po5, co5,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    # One partial of L_fg and one of L_bg per program (program id = partial index).
-    pid = tl.program_id(0)
-    mine, local = level_slot(pid, 0, e0)
-    if mine:
-        _fgd_focal_block(s0, t0, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C0, HW0, nb0,
-                         po0, co0, BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e0, e1)
-    if mine:
-        _fgd_focal_block(s1, t1, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C1, HW1, nb1,
-                         po1, co1, BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e1, e2)
-    if mine:
-        _fgd_focal_block(s2, t2, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C2, HW2, nb2,
-                         po2, co2, BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e2, e3)
-    if mine:
-        _fgd_focal_block(s3, t3, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C3, HW3, nb3,
-                         po3, co3, BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e3, e4)
-    if mine:
-        _fgd_focal_block(s4, t4, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C4, HW4, nb4,
-                         po4, co4, BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e4, e5)
-    if mine:
-        _fgd_focal_block(s5, t5, pf_ptr, pb_ptr, act_ptr, fg_part_ptr, bg_part_ptr, pid, local, C5, HW5, nb5,
-                         po5, co5, BLOCK_C, BLOCK_HW, CL)
 
 
 @triton.jit
@@ -273,23 +413,15 @@ def _fgd_backward_kernel(f_ptr, ga_ptr, act_ptr, gb_ptr,
                             BLOCK_C, BLOCK_HW, CL)
 
 
-def _attention_grad(logits: Tensor, att_s: Tensor, diff: Tensor, n: int, scale: float) -> Tensor:
-    """d(sum |att_s - att_t| / n)/d(logits) for ``att_s = K softmax(logits)`` over the last dim.
-
-    ``diff`` is ``att_s - att_t`` (computed once for the loss and the gradient).
-    """
-    u = torch.sign(diff) / n
-    # att_s = K p, d att_s_k / d logit_j = att_s_k (delta_kj - p_j)  =>  att_s_j (u_j - sum_k u_k p_k)
-    p = att_s / scale
-    return att_s * (u - (u * p).sum(-1, keepdim=True))
-
-
 def _check(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, temp: float, level: int = 0) -> None:
     check_pair(student, teacher, "fgd_focal_attention_triton", level)
     if student.dim() != 4:
         raise LossError(f"fgd_focal_attention_triton: expected N x C x H x W features at level {level}, "
                         f"got shape {tuple(student.shape)}")
-    n, _, h, w = student.shape
+    n, c, h, w = student.shape
+    if c > MAX_CHANNELS:
+        raise LossError(f"fgd_focal_attention_triton: at most {MAX_CHANNELS} channels fit the kernel's tile, got {c} "
+                        f"at level {level}; use backend='torch' for wider features")
     for name, m in (("fg_mask", fg_mask), ("bg_mask", bg_mask)):
         if tuple(m.shape) != (n, h, w):
             raise LossError(f"fgd_focal_attention_triton: {name} is expected to have shape {(n, h, w)} "
@@ -308,8 +440,8 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
 
 
 class FGDFunction(torch.autograd.Function):
-    """Autograd wrapper over all levels: forward runs the stats and focal passes (one launch each
-    per group of six levels), backward recomputes the gradient of every level in one launch."""
+    """Autograd wrapper over all levels: forward runs the one-pass forward and the combine kernels
+    (one launch each per group of six levels), backward recomputes the gradient of every level in one launch."""
 
     @staticmethod
     def forward(ctx, temp: float, weights: Tuple[float, float, float], n_levels: int, *tensors: Tensor):
@@ -330,57 +462,48 @@ class FGDFunction(torch.autograd.Function):
         hws = [s.shape[2] * s.shape[3] for s, _ in pairs]
         w_fg, w_bg, w_att = (float(x) for x in weights)
         # Side buffers hold the levels one after the other: N x HW_l per-pixel blocks, N x C_l
-        # per-channel blocks, N x C_l x n_hwb_l channel partial sums.
+        # per-channel blocks, and the forward programs' [N, nb_l, 4, C_l] channel partials and [N, nb_l] maxima.
         pix_off = _offsets([n * hw for hw in hws])
         ch_off = _offsets([n * c for c in cs])
         fg = torch.cat([m.detach().to(device=dev, dtype=torch.float32).reshape(-1) for m in fgs])
         bg = torch.cat([m.detach().to(device=dev, dtype=torch.float32).reshape(-1) for m in bgs])
 
-        n_hwb = [triton.cdiv(hw, BLOCK_HW_STATS) for hw in hws]
-        part_off = _offsets([n * c * nb for c, nb in zip(cs, n_hwb)])
+        tiles = [forward_tile(c, cl) for c in cs]
+        nbs = [triton.cdiv(hw, sub_hw * subs) for hw, (_, sub_hw, subs) in zip(hws, tiles)]
+        part_off = _offsets([n * nb * 4 * c for c, nb in zip(cs, nbs)])
+        m_off = _offsets([n * nb for nb in nbs])
         pix_s = torch.empty(n * sum(hws), dtype=torch.float32, device=dev)
         pix_t = torch.empty_like(pix_s)
-        ch_s = torch.empty(n * sum(c * nb for c, nb in zip(cs, n_hwb)), dtype=torch.float32, device=dev)
-        ch_t = torch.empty_like(ch_s)
-        stats_slots = [Slot(n * nb, (s, t), (c, hw, nb), (po, co))
-                       for (s, t), c, hw, nb, po, co in zip(pairs, cs, hws, n_hwb, pix_off, part_off)]
-        launch_levels(_fgd_stats_kernel, pairs[0][0], stats_slots, lambda done: (pix_s, pix_t, ch_s, ch_t),
-                      BLOCK_C=BLOCK_C_STATS, BLOCK_HW=BLOCK_HW_STATS, CL=cl, num_warps=NUM_WARPS)
-        # Attention maps and their gradients per level: N x HW and N x C, negligible next to the features.
-        as_t_all, ac_t_all, ga_all, gb_all, diffs = [], [], [], [], []
-        for i, (c, hw) in enumerate(zip(cs, hws)):
-            a_s = pix_s[pix_off[i]:pix_off[i] + n * hw].view(n, hw) / (c * temp)
-            a_t = pix_t[pix_off[i]:pix_off[i] + n * hw].view(n, hw) / (c * temp)
-            span = slice(part_off[i], part_off[i] + n * c * n_hwb[i])
-            b_s = ch_s[span].view(n, c, n_hwb[i]).sum(-1) / (hw * temp)
-            b_t = ch_t[span].view(n, c, n_hwb[i]).sum(-1) / (hw * temp)
-            as_s, as_t = hw * torch.softmax(a_s, -1), hw * torch.softmax(a_t, -1)
-            ac_s, ac_t = c * torch.softmax(b_s, -1), c * torch.softmax(b_t, -1)
-            d_s, d_c = as_s - as_t, ac_s - ac_t
-            # chain rule through mean_c |x| / temp and mean_hw |x| / temp (sign(S) is applied per element)
-            ga_all.append(_attention_grad(a_s, as_s, d_s, n, hw).reshape(-1) / (c * temp))
-            gb_all.append(_attention_grad(b_s, ac_s, d_c, n, c).reshape(-1) / (hw * temp))
-            as_t_all.append(as_t.reshape(-1))
-            ac_t_all.append(ac_t.reshape(-1))
-            diffs += [d_s.reshape(-1), d_c.reshape(-1)]
-        as_t, ac_t, ga, gb = (torch.cat(x) for x in (as_t_all, ac_t_all, ga_all, gb_all))
-        l_att = torch.cat(diffs).abs().sum() / n
+        ch = torch.empty(part_off[-1] + n * nbs[-1] * 4 * cs[-1], dtype=torch.float32, device=dev)
+        maxima = torch.empty(m_off[-1] + n * nbs[-1], dtype=torch.float32, device=dev)
+        inv_ct = [1.0 / (c * temp) for c in cs]
+        slots = [Slot(n * nb, (s, t), (c, hw, nb), (po, co, mo, ict))
+                 for (s, t), c, hw, nb, po, co, mo, ict in zip(pairs, cs, hws, nbs, pix_off, part_off, m_off, inv_ct)]
+        # BLOCK_C is a constexpr: levels whose channels round to different powers of two launch apart.
+        for tile in sorted(set(tiles)):
+            levels = [i for i, x in enumerate(tiles) if x == tile]
+            groups = [levels[i:i + MAX_LEVELS] for i in range(0, len(levels), MAX_LEVELS)]
+            launch_levels(_fgd_forward_kernel, pairs[0][0], slots, lambda done: (fg, bg, pix_s, pix_t, ch, maxima),
+                          groups=groups, BLOCK_C=tile[0], SUB_HW=tile[1], SUBS=tile[2], CL=cl, num_warps=NUM_WARPS)
+        # Attention maps, the three terms and the gradient factors of L_att: one program per (level, image).
+        as_t, ga = torch.empty_like(pix_s), torch.empty_like(pix_s)
+        ac_t = torch.empty(n * sum(cs), dtype=torch.float32, device=dev)
+        gb = torch.empty_like(ac_t)
+        terms = torch.empty(n_levels * n, 3, dtype=torch.float32, device=dev)
+        combine = [Slot(n, (), (c, hw, nb), (po, co, pco, mo, ict, 1.0 / (hw * temp)))
+                   for c, hw, nb, po, co, pco, mo, ict in zip(cs, hws, nbs, pix_off, ch_off, part_off, m_off, inv_ct)]
+        launch_levels(_fgd_combine_kernel, pairs[0][0], combine,
+                      lambda done: (pix_s, pix_t, ch, maxima, as_t, ga, ac_t, gb, terms[done:], 1.0 / n),
+                      **combine_tile(max(cs)), num_warps=NUM_WARPS)
+        # Fixed-order sum over (level, image); the weights scale the terms and, through ctx, the gradient.
+        sums = terms.sum(0)
+        l_fg, l_bg, l_att = sums[0] * (w_fg / n), sums[1] * (w_bg / n), sums[2] * (w_att / n)
 
         block_c, block_hw = TILES[cl]
-        n_hb = [triton.cdiv(hw, block_hw) for hw in hws]
-        programs = [n * triton.cdiv(c, block_c) * nb for c, nb in zip(cs, n_hb)]
-        parts = torch.empty(2, sum(programs), dtype=torch.float32, device=dev)
-        slots = [Slot(p, (s, t), (c, hw, nb), (po, co))
-                 for p, (s, t), c, hw, nb, po, co in zip(programs, pairs, cs, hws, n_hb, pix_off, ch_off)]
-        head = (as_t * fg * (w_fg / n), as_t * bg * (w_bg / n), ac_t)
-        # The partials are indexed by program id: each launch writes from its first program on.
-        launch_levels(_fgd_focal_kernel, pairs[0][0], slots, lambda done: (*head, parts[0][done:], parts[1][done:]),
-                      BLOCK_C=block_c, BLOCK_HW=block_hw, CL=cl, num_warps=NUM_WARPS)
-        l_fg, l_bg = sum_partials(parts).unbind(0)  # one launch for both rows
-
+        programs = [n * triton.cdiv(c, block_c) * triton.cdiv(hw, block_hw) for c, hw in zip(cs, hws)]
         ctx.save_for_backward(as_t, fg, bg, ga, ac_t, gb, *[x for pair in pairs for x in pair])
         ctx.meta = (cl, n, n_levels, (w_fg, w_bg, w_att), programs, pix_off, ch_off)
-        return l_fg, l_bg, (w_att * l_att).to(torch.float32)
+        return l_fg, l_bg, l_att
 
     @staticmethod
     def backward(ctx, go_fg: Tensor, go_bg: Tensor, go_att: Tensor):
@@ -410,7 +533,7 @@ def fgd_focal_attention_triton(student: Sequence[Tensor], teacher: Sequence[Tens
     """The focal (``L_fg``, ``L_bg``) and attention (``L_att``) terms of FGD, summed over levels.
 
     Each level keeps its own attention maps and masks; the three returned terms are sums over
-    levels. Forward makes one statistics launch, one focal launch and one sum; backward one
+    levels. Forward makes one streaming launch, one combine launch and one sum; backward one
     launch (per group of :data:`MAX_LEVELS` levels). A pyramid mixing channels_last and NCHW
     levels has its channels_last levels copied to NCHW (one layout per launch).
 
@@ -436,14 +559,19 @@ def fgd_focal_attention_triton(student: Sequence[Tensor], teacher: Sequence[Tens
     return FGDFunction.apply(float(temp), tuple(weights), len(student), *student, *teacher, *fg_mask, *bg_mask)
 
 
-def _slots(sty: str, tty: str, grad: bool) -> dict:
+def _slots(sty: str, tty: str, grad: bool, forward: bool = False) -> dict:
     sig = {}
     for i in range(MAX_LEVELS):
         sig.update({f"s{i}": sty, f"t{i}": tty})
         if grad:
             sig[f"g{i}"] = sty
         sig.update({f"{k}{i}": "i32" for k in ("C", "HW", "nb", "e", "po", "co")})
-    sig.update({"BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
+        if forward:
+            sig.update({f"mo{i}": "i32", f"ict{i}": "fp32"})
+    if forward:
+        sig.update({"BLOCK_C": "constexpr", "SUB_HW": "constexpr", "SUBS": "constexpr", "CL": "constexpr"})
+    else:
+        sig.update({"BLOCK_C": "constexpr", "BLOCK_HW": "constexpr", "CL": "constexpr"})
     return sig
 
 
@@ -453,17 +581,27 @@ def _specialisations() -> list:
     for sdt, tdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]:
         sty, tty = f"*{TRITON_DTYPE[sdt]}", f"*{TRITON_DTYPE[tdt]}"
         for cl in (False, True):
-            sig = {k: "*fp32" for k in ("pix_s_ptr", "pix_t_ptr", "ch_s_ptr", "ch_t_ptr")}
-            sig.update(_slots(sty, tty, grad=False))
-            out.append(("_fgd_stats_kernel", sig, {"BLOCK_C": BLOCK_C_STATS, "BLOCK_HW": BLOCK_HW_STATS, "CL": cl},
-                        NUM_WARPS))
+            # C = 256 (FPN necks); fp32 also at C = 1024, the widest tile row (most registers per pixel).
+            for channels in ((256, 1024) if sdt == torch.float32 else (256,)):
+                block_c, sub_hw, subs = forward_tile(channels, cl)
+                sig = {k: "*fp32" for k in ("fg_ptr", "bg_ptr", "pix_s_ptr", "pix_t_ptr", "ch_ptr", "m_ptr")}
+                sig.update(_slots(sty, tty, grad=False, forward=True))
+                out.append(("_fgd_forward_kernel", sig,
+                            {"BLOCK_C": block_c, "SUB_HW": sub_hw, "SUBS": subs, "CL": cl}, NUM_WARPS))
             const = {"BLOCK_C": TILES[cl][0], "BLOCK_HW": TILES[cl][1], "CL": cl}
-            sig = {k: "*fp32" for k in ("pf_ptr", "pb_ptr", "act_ptr", "fg_part_ptr", "bg_part_ptr")}
-            sig.update(_slots(sty, tty, grad=False))
-            out.append(("_fgd_focal_kernel", sig, const, NUM_WARPS))
             sig = {k: "*fp32" for k in ("f_ptr", "ga_ptr", "act_ptr", "gb_ptr")}
             sig.update(_slots(sty, tty, grad=True))
             out.append(("_fgd_backward_kernel", sig, const, NUM_WARPS))
+    # The combine kernel reads only fp32 side buffers: one variant per channel tile.
+    for channels in (256, 1024):
+        sig = {k: "*fp32" for k in ("pix_s_ptr", "pix_t_ptr", "ch_ptr", "m_ptr", "as_t_ptr", "ga_ptr", "ac_t_ptr",
+                                    "gb_ptr", "out_ptr")}
+        sig["inv_n"] = "fp32"
+        for i in range(MAX_LEVELS):
+            sig.update({f"{k}{i}": "i32" for k in ("C", "HW", "nb", "e", "po", "co", "pco", "mo")})
+            sig.update({f"ict{i}": "fp32", f"ihwt{i}": "fp32"})
+        sig.update({"BLOCK_C": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr"})
+        out.append(("_fgd_combine_kernel", sig, combine_tile(channels), NUM_WARPS))
     return out
 
 

@@ -377,7 +377,7 @@ class FGDLoss(nn.Module):
 
     def _focal_triton(self, s_list: List[Tensor], t_list: List[Tensor], masks: List[Tuple[Tensor, Tensor]],
                       weights: Tuple[float, float, float]) -> Tuple[Tensor, Tensor, Tensor]:
-        # All levels in each kernel launch (one stats, one focal, one sum forward; one backward).
+        # All levels in each kernel launch (one streaming pass, one combine and one sum forward; one backward).
         pairs = [triton_inputs(s, t) for s, t in zip(s_list, t_list)]
         kernel = _fgd_focal_attention_kernel()
         return kernel([s for s, _ in pairs], [t for _, t in pairs], [fg for fg, _ in masks], [bg for _, bg in masks],
