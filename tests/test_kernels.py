@@ -222,6 +222,28 @@ def test_cwd_huge_logits_finite(block):
     assert abs(loss.item() - expected) <= 1e-4 * expected
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunked"])
+def test_cwd_near_equal_rows_at_a_large_offset_keep_their_precision(channels_last, block):
+    # Logits ~4000 (ulp 2.4e-4) whose spreads are O(1) and a student close to the teacher: the KL
+    # per row is ~1e-3. lse_s - lse_t must cancel the maxima before the logs are added; rounding
+    # ms + log(zs) first is off by an ulp of 4000 per row, ~10 % of the loss here.
+    g = torch.Generator().manual_seed(9)
+    t = [4000 + torch.randn(2, 3, h, w, generator=g) for h, w in ((13, 21), (7, 11))]
+    s = [x + 0.05 * torch.randn(x.shape, generator=g) for x in t]
+    if channels_last:
+        t = [x.to(memory_format=torch.channels_last) for x in t]
+        s = [x.to(memory_format=torch.channels_last) for x in s]
+    s = [x.requires_grad_() for x in s]
+    loss = cwd.cwd_loss_triton(s, t, tau=1.0, block=block)
+    s64 = [x.detach().double() for x in s]
+    want = _cwd64(s64, [x.double() for x in t], 1.0)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-3, atol=0)
+    loss.backward()
+    # Gradients p_s - p_t of ~1e-4 against probabilities of ~1e-2: exp(s - lse) must not carry an ulp of 4000.
+    _check_grads(s, _f64_grads(lambda S, T: _cwd64(S, T, 1.0), s, t), torch.float32)
+
+
 def test_cwd_teacher_constant():
     student, teacher = _levels(torch.float32)
     teacher = [t.requires_grad_() for t in teacher]

@@ -61,13 +61,15 @@ def _cl_block(s_ptr, t_ptr, g_ptr, stats_ptr, nk_ptr, w_ptr, lse_ptr, go, local,
     start = k * chunk
     stop = tl.minimum(start + chunk, HW)
     if GRAD:
-        lse_s = tl.load(lse_ptr + 2 * row, mask=c_ok, other=0.0)
-        lse_t = tl.load(lse_ptr + 2 * row + 1, mask=c_ok, other=0.0)
+        ms = tl.load(lse_ptr + 4 * row, mask=c_ok, other=0.0)[None, :]
+        log_zs = tl.load(lse_ptr + 4 * row + 1, mask=c_ok, other=0.0)[None, :]
+        mt = tl.load(lse_ptr + 4 * row + 2, mask=c_ok, other=0.0)[None, :]
+        log_zt = tl.load(lse_ptr + 4 * row + 3, mask=c_ok, other=0.0)[None, :]
         for h0 in range(start, stop, BLOCK_HW):
             offs, mask = _tile(n, c, h0 + lanes, C, HW, stop)
             s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
             t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
-            g = (go * v) * (tl.exp(s - lse_s[None, :]) - tl.exp(t - lse_t[None, :]))
+            g = (go * v) * (tl.exp((s - ms) - log_zs) - tl.exp((t - mt) - log_zt))
             tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     else:
         m_s = tl.full([BLOCK_HW, BLOCK_C], float("-inf"), tl.float32)
@@ -179,12 +181,15 @@ def _cwd_cl_combine_kernel(stats_ptr, nk_ptr, w_ptr, lse_ptr, part_ptr, rows, km
         cross = tl.where(has, cross * a_t + kc * b_t, cross)
         ms = tl.where(has, new_s, ms)
         mt = tl.where(has, new_t, mt)
-    lse_s = ms + tl.log(zs)
-    lse_t = mt + tl.log(zt)
+    # As in cwd._cwd_row_forward: the maxima cancel before the logs are added.
+    log_zs = tl.log(zs)
+    log_zt = tl.log(zt)
     w = tl.load(w_ptr + r, mask=ok, other=0.0)
-    tl.store(part_ptr + r, w * (cross / zt + lse_s - lse_t), mask=ok)
-    tl.store(lse_ptr + 2 * r, lse_s, mask=ok)
-    tl.store(lse_ptr + 2 * r + 1, lse_t, mask=ok)
+    tl.store(part_ptr + r, w * (cross / zt + (ms - mt) + (log_zs - log_zt)), mask=ok)
+    tl.store(lse_ptr + 4 * r, ms, mask=ok)
+    tl.store(lse_ptr + 4 * r + 1, log_zs, mask=ok)
+    tl.store(lse_ptr + 4 * r + 2, mt, mask=ok)
+    tl.store(lse_ptr + 4 * r + 3, log_zt, mask=ok)
 
 
 def _chunks(hw: int, chunk: int) -> int:

@@ -115,19 +115,24 @@ def _cwd_row_forward(s_ptr, t_ptr, part_ptr, lse_ptr, pid, row, C, HW, w, inv_ta
         lane_t = tl.exp(m_t - mt)
         zt = tl.sum(z_t * lane_t, axis=0)
         cross = tl.sum(c_t * lane_t, axis=0)
-    # (ms - mt) + log(zs) - log(zt): the shifts cancel before the logs, not inside one log ratio.
-    lse_s = ms + tl.log(zs)
-    lse_t = mt + tl.log(zt)
-    tl.store(part_ptr + pid, w * (cross / zt + lse_s - lse_t))
-    tl.store(lse_ptr + 2 * pid, lse_s)
-    tl.store(lse_ptr + 2 * pid + 1, lse_t)
+    # lse_s - lse_t as (ms - mt) + (log zs - log zt): adding log z to a large maximum first would
+    # round it at the maximum's ulp. Each logsumexp is kept as its two parts for the same reason.
+    log_zs = tl.log(zs)
+    log_zt = tl.log(zt)
+    tl.store(part_ptr + pid, w * (cross / zt + (ms - mt) + (log_zs - log_zt)))
+    tl.store(lse_ptr + 4 * pid, ms)
+    tl.store(lse_ptr + 4 * pid + 1, log_zs)
+    tl.store(lse_ptr + 4 * pid + 2, mt)
+    tl.store(lse_ptr + 4 * pid + 3, log_zt)
 
 
 @triton.jit
 def _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, v, inv_tau,
                       BLOCK: tl.constexpr):
-    lse_s = tl.load(lse_ptr + 2 * pid)
-    lse_t = tl.load(lse_ptr + 2 * pid + 1)
+    ms = tl.load(lse_ptr + 4 * pid)
+    log_zs = tl.load(lse_ptr + 4 * pid + 1)
+    mt = tl.load(lse_ptr + 4 * pid + 2)
+    log_zt = tl.load(lse_ptr + 4 * pid + 3)
     idx = tl.arange(0, BLOCK)
     for start in range(0, HW, BLOCK):
         cur = start + idx
@@ -135,7 +140,7 @@ def _cwd_row_backward(s_ptr, t_ptr, g_ptr, lse_ptr, pid, row, C, HW, v, inv_tau,
         offs = _row_offsets(row, HW, cur)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
-        g = v * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
+        g = v * (tl.exp((s - ms) - log_zs) - tl.exp((t - mt) - log_zt))
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -244,7 +249,7 @@ def run(pairs: Sequence[tuple], channels_last: bool, tau: float, block: Optional
     for block, group in launch_plan([s.shape[2] * s.shape[3] for s, _ in pairs], block):
         # Rows are numbered across launches: each launch starts its partials and logsumexps at its first row.
         done = launch_levels(_cwd_kernel, pairs[0][0], slots,
-                             lambda first: (partials[first:], lse[2 * first:], go, 1.0 / tau),
+                             lambda first: (partials[first:], lse[4 * first:], go, 1.0 / tau),
                              groups=[group], start=done, BLOCK=block, GRAD=backward,
                              num_warps=NUM_WARPS.get(block, 4))
     return None if backward else sum_partials(partials)
@@ -257,7 +262,8 @@ class CWDFunction(torch.autograd.Function):
     def forward(ctx, tau: float, block: Optional[int], n_levels: int, *tensors: Tensor) -> Tensor:
         pairs, channels_last = prepare(tensors[:n_levels], tensors[n_levels:], tau)
         rows = sum(s.shape[0] * s.shape[1] for s, _ in pairs)
-        lse = torch.empty(2 * max(rows, 1), dtype=torch.float32, device=pairs[0][0].device)
+        # Per row: the maximum and log of the sum of exponentials, student then teacher.
+        lse = torch.empty(4 * max(rows, 1), dtype=torch.float32, device=pairs[0][0].device)
         loss = run(pairs, channels_last, tau, block, lse)
         ctx.meta = (tau, block, n_levels, channels_last)
         ctx.save_for_backward(lse, *[x for pair in pairs for x in pair])
