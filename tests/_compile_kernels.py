@@ -32,7 +32,7 @@ MODULES = ("lrdet_core.kernels._common", "lrdet_core.kernels.mse", "lrdet_core.k
 def _specs(module_name: str) -> list:
     mod = importlib.import_module(module_name)
     if module_name.endswith("_common"):
-        return [(name, sig, const, 4) for name, sig, const in mod.specialisations()]
+        return list(mod.specialisations())
     return list(mod.SPECIALISATIONS)
 
 

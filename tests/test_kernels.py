@@ -66,6 +66,17 @@ def _f64_grads(fn, student, teacher):
     return [x.grad for x in leaves]
 
 
+def test_sum_partials_walks_rows_longer_than_its_block():
+    # Rows of 3 blocks and a bit: every step of the loop and the masked tail count, in fixed order.
+    g = torch.Generator().manual_seed(3)
+    parts = torch.randn(2, 3 * _common.SUM_BLOCK + 5, generator=g)
+    got = _common.sum_partials(parts)
+    torch.testing.assert_close(got.double(), parts.double().sum(1), rtol=1e-5, atol=1e-3)
+    assert torch.equal(_common.sum_partials(parts), got)  # deterministic
+    one = _common.sum_partials(parts[0].contiguous())
+    assert one.shape == () and torch.equal(one, got[0])
+
+
 # --------------------------------------------------------------------------------- MSE, L1
 
 POINTWISE = {"mse": (mse.mse_loss_triton, reference.ref_mse, lambda d: d * d),

@@ -6,8 +6,8 @@ kernels are real ``JITFunction`` objects even though ``tests/test_kernels.py`` i
 under ``TRITON_INTERPRET=1`` in this process.
 
 It runs once per Triton install found: the environment's own, and a second one shadowing it
-from the directory in ``LRDET_TRITON_ALT`` (default ``/work/triton36``, e.g. made with
-``pip install --no-deps --target /work/triton36 triton==3.6.0``); a missing one is skipped.
+from the directory in ``LRDET_TRITON_ALT`` (default ``~/.cache/lrdet-core/triton36``, which
+``.ci/run`` fills with ``pip install --no-deps --target DIR triton==3.6.0``); a missing one is skipped.
 Only compilation is checked under the second install (triton 3.6's interpreter does not run
 with numpy 2).
 """
@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 MAX_REGISTERS = 255  # per thread on sm80/sm90; beyond it ptxas spills
-ALT = os.environ.get("LRDET_TRITON_ALT", "/work/triton36")
+ALT = os.environ.get("LRDET_TRITON_ALT", os.path.expanduser("~/.cache/lrdet-core/triton36"))
 INSTALLS = ["env", "alt"]
 
 
