@@ -250,7 +250,8 @@ LABELS = {"hr_teacher": "HR teacher (1x)", "lr_baseline": "LR baseline", "fitnet
           "lrdet_det_only": "LRDet, L_det(HR) only", "lrdet_fd_only": "LRDet, distillation only"}
 #: Paired contrasts reported with their standard error: (a, b) means a - b on the same seed.
 CONTRASTS = [("lrdet", "inherit"), ("bridge", "lr_baseline"), ("bridge", "fitnet_up"), ("fitnet_up", "lr_baseline"),
-             ("inherit", "lr_baseline"), ("lrdet", "lr_baseline"), ("lrdet_det_only", "inherit"),
+             ("inherit", "lr_baseline"), ("lrdet", "lr_baseline"), ("bridge", "lrdet"), ("inherit", "bridge"),
+             ("lrdet_det_only", "inherit"),
              ("lrdet_fd_only", "inherit"), ("lrdet", "lrdet_det_only"), ("lrdet", "lrdet_fd_only"),
              ("bridge_det_only", "lr_baseline"), ("bridge_fd_only", "lr_baseline"),
              ("lrdet_l1", "inherit"), ("lrdet_cwd", "inherit"), ("lrdet_fgd", "inherit")]
