@@ -37,7 +37,8 @@ level (:func:`._common.level_slot`); the small side buffers hold the levels one 
 
 Bytes moved (per element): forward **2** element accesses (S and T once), backward **3** (read S
 and T, write the gradient): **5** in all. The side buffers are ``O(N (HW + 4 C HW / FWD_PIXELS))``
-floats: written and read back, with the masks, ~100 bytes per pixel, about 4 % on top of the
+floats: written and read back (the combine reads the per-pixel sums three times), with the masks
+and backward's per-pixel factors, ~150 bytes per pixel, about 6 % on top of the
 features' 2,560 bytes per pixel (fwd + bwd) at C = 256 in bf16.
 
 Layouts: contiguous NCHW and channels_last are indexed without a copy (``CL`` flag, one per
