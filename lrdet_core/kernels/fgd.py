@@ -471,12 +471,12 @@ class FGDFunction(torch.autograd.Function):
 
         tiles = [forward_tile(c, cl) for c in cs]
         nbs = [triton.cdiv(hw, sub_hw * subs) for hw, (_, sub_hw, subs) in zip(hws, tiles)]
-        part_off = _offsets([n * nb * 4 * c for c, nb in zip(cs, nbs)])
-        m_off = _offsets([n * nb for nb in nbs])
+        part_sizes = [n * nb * 4 * c for c, nb in zip(cs, nbs)]
+        part_off, m_off = _offsets(part_sizes), _offsets([n * nb for nb in nbs])
         pix_s = torch.empty(n * sum(hws), dtype=torch.float32, device=dev)
         pix_t = torch.empty_like(pix_s)
-        ch = torch.empty(part_off[-1] + n * nbs[-1] * 4 * cs[-1], dtype=torch.float32, device=dev)
-        maxima = torch.empty(m_off[-1] + n * nbs[-1], dtype=torch.float32, device=dev)
+        ch = torch.empty(sum(part_sizes), dtype=torch.float32, device=dev)
+        maxima = torch.empty(n * sum(nbs), dtype=torch.float32, device=dev)
         inv_ct = [1.0 / (c * temp) for c in cs]
         slots = [Slot(n * nb, (s, t), (c, hw, nb), (po, co, mo, ict))
                  for (s, t), c, hw, nb, po, co, mo, ict in zip(pairs, cs, hws, nbs, pix_off, part_off, m_off, inv_ct)]
