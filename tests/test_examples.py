@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 pytest.importorskip("tqdm")
+from tiny import load_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -34,16 +35,12 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def deepforest_data():
-    sys.path.insert(0, str(EXAMPLES))
+    dfd = load_example("deepforest_data")
     try:
-        import deepforest_data as dfd
-        try:
-            dfd.fetch_wheel()
-        except dfd.DataUnavailableError as e:
-            pytest.skip(str(e))
-        return dfd
-    finally:
-        sys.path.remove(str(EXAMPLES))
+        dfd.fetch_wheel()
+    except dfd.DataUnavailableError as e:
+        pytest.skip(str(e))
+    return dfd
 
 
 def test_deepforest_splits(deepforest_data):
@@ -97,11 +94,7 @@ def test_detection_matching():
     prediction per crown, as in COCO's evaluation."""
     import torch
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import reproduce_deepforest as rd
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    rd = load_example("reproduce_deepforest")
     gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]])
     pred = torch.tensor([[0.0, 0, 10, 10],      # crown 0
                          [1.0, 1, 10, 10],      # crown 0 again: a duplicate is a false positive

@@ -3,25 +3,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("tqdm")
 import torch  # noqa: E402
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tiny import load_example  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def harness():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import harness
-        return harness
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return load_example("harness")
 
 
 def test_loss_log_holds_the_mean_of_each_window_and_of_the_last_partial_one(harness):

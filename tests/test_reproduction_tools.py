@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 pytest.importorskip("tqdm")
+from tiny import load_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -21,12 +22,7 @@ EXAMPLES = ROOT / "examples"
 
 @pytest.fixture(scope="module")
 def rd():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import reproduce_deepforest
-        return reproduce_deepforest
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return load_example("reproduce_deepforest")
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +109,7 @@ def test_bridge_probe_identities_at_equal_resolution(rd, dfd):
     neck output is the upsampled LR neck and both detection gradients are the same vector (cosine 1)."""
     import torch
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import bridge_probe
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    bridge_probe = load_example("bridge_probe")
     torch.manual_seed(0)
     teacher = rd.build_fcos(dfd.TILE).eval().requires_grad_(False)
     crops = dfd.TrainCrops()
@@ -180,11 +172,7 @@ def test_fingerprints_and_teacher_cache_keys_do_not_move(rd):
 def test_bridge_probe_replot_takes_the_contrasts_of_the_given_results(rd, tmp_path):
     """--replot measures nothing: it keeps the measurements and puts each given results file's paired
     contrasts under its LR scale, as the reproduction itself computes them."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import bridge_probe
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    bridge_probe = load_example("bridge_probe")
     m = {"rel_err_bridge": 0.4, "rel_err_upsample": 0.5, "cos_head": -0.1, "cos_neck": 0.2}
     saved = {"config": {"preset": "powered"}, "scales": {"0.5": {"init": m, "trained": m}}, "contrasts": {}}
     (tmp_path / "bridge_probe.json").write_text(json.dumps(saved))

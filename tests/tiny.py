@@ -1,7 +1,11 @@
-"""Tiny detectors for fast tests: torchvision families on small resnet18 bodies, and a custom model."""
+"""Tiny detectors for fast tests: torchvision families on small resnet18 bodies, and a custom model;
+and the helpers the test modules share (seeded builds, a recording loss, importing an example script)."""
 from __future__ import annotations
 
+import importlib
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,18 @@ def seeded(builder, seed=0, **kw):
     """``builder(**kw)`` right after ``torch.manual_seed(seed)``: the same weights on every call."""
     torch.manual_seed(seed)
     return builder(**kw)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """The module ``examples/<name>.py`` (``examples/`` is on ``sys.path`` only while it imports)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 class RecordingLoss:
