@@ -29,9 +29,11 @@ from .context import DistillContext
 from .errors import InputError
 from .inherit import InheritReport, inherit_weights
 from .levels import LevelMap, LevelPair, normalize_level_map, pair_levels, warn_unpaired
+from .loading import watch_load_creation
 from .losses import RECOMMENDED_ALPHA
 from .losses import loss_name as canonical_loss_name
 from .projectors import Projectors, check_late_creation
+from .ranks import check_teachers_across_ranks
 from .recording import Feats
 from .teacher_losses import LossSpec, build_teacher_losses, loss_key
 from .validate import who as _who
@@ -151,11 +153,13 @@ class BridgeDistiller(nn.Module):
         if alpha == "auto":
             # NaN until measured; a buffer, so that a resumed run restores it instead of measuring again.
             self.register_buffer("auto_alpha", torch.full((len(teachers),), math.nan, dtype=torch.float64))
+        watch_load_creation(self)  # first: it must see the parameters before the hooks below create any
         self._register_load_state_dict_pre_hook(self._auto_alpha_from_state_dict)
         self.losses = build_teacher_losses(loss, dict(loss_kwargs or {}), list(teachers), torchvision_family(student))
         self.projectors = Projectors()  # 1x1 convs for levels whose channel counts differ
         self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
         self._reported, self._reported_hr_scale = set(), False  # warned about: unpaired levels, hr_scale unused
+        self._teachers_compared = False  # across the ranks of a process group, once
 
         first = next(iter(teachers.values()))
         self.inherit_report: Optional[InheritReport] = inherit_weights(student, first) if inherit else None
@@ -251,6 +255,8 @@ class BridgeDistiller(nn.Module):
         if hr_images is not None:
             hr_images, hr_targets = self.adapter.as_batch(hr_images, hr_targets, "hr_images")
         self._check_batch(images, targets, hr_images, hr_targets)
+        if training_step and not self._teachers_compared:
+            self._teachers_compared = check_teachers_across_ranks(self._teachers)
         for t in self._teachers.values():
             t.eval()
         lr = self.adapter.student_pass(images, targets, keep_neck=not self.bridge)

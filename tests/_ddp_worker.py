@@ -2,7 +2,7 @@
 
 Run as ``python _ddp_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
 Each rank trains the distiller on its half of every batch, once per loss in ``LOSSES``, and saves
-gradients and parameters.
+gradients and parameters; then records what the first step says when rank 1's teacher is another one.
 """
 import os
 import sys
@@ -15,7 +15,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import TinyDetector  # noqa: E402
 
-from lrdet_core import BridgeDistiller, SplitPoints  # noqa: E402
+from lrdet_core import BridgeDistiller, LRDetError, SplitPoints  # noqa: E402
 
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 STEPS, BATCH, LR = 2, 4, 0.1
@@ -92,6 +92,7 @@ def main(out_dir: str) -> None:
             run["grads"].append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
             opt.step()
         run["params"] = {n: p.detach().clone() for n, p in d.named_parameters()}
+        run["teachers_compared"] = d._teachers_compared
 
     # SyncBatchNorm in a real process group (BatchNorm student this time).
     torch.manual_seed(0)
@@ -118,6 +119,17 @@ def main(out_dir: str) -> None:
     alpha = da.alphas["teacher"]
     result["auto"] = {"alpha": alpha, "det": sum(v.item() for k, v in out.items() if k.startswith("lr/")),
                       "distill": out["distill/mse"].item() / alpha}
+    # Rank 1 builds its teacher from another seed: the first step refuses, on every rank (no rank hangs).
+    data = part(tiny_batch(0), slice(rank * per, (rank + 1) * per))
+    for case, teachers in {"single": gn_tiny(1 + rank, 24),
+                           "two": {"same": gn_tiny(1, 24), "other": gn_tiny(1 + rank, 24)}}.items():
+        dt = BridgeDistiller(gn_tiny(0, 16), teachers, split_points=TINY_SPLIT, loss="mse", alpha=1.0)
+        dt.materialize(*data[:2], hr_images=data[2], hr_targets=data[3])
+        try:
+            step(DDP(dt), data)
+            result[f"teacher_{case}"] = "no error"
+        except LRDetError as e:
+            result[f"teacher_{case}"] = str(e)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -133,6 +133,7 @@ def test_parameters_created_after_a_process_group_is_up_raise_instead_of_desynci
     images, targets, _, _ = tiny_batch(0, n=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.distributed, "is_initialized", lambda: True)
+        mp.setattr(torch.distributed, "get_world_size", lambda *a, **k: 1)  # the teachers: nothing to compare
         with pytest.raises(InputError, match=r"call distiller.materialize\(images, targets\) before"):
             d(images, targets)
         assert len(d.projectors) == 3  # created, then refused: a retry (after materialize) proceeds
@@ -140,6 +141,35 @@ def test_parameters_created_after_a_process_group_is_up_raise_instead_of_desynci
         params = [id(p) for p in d.parameters()]
         assert set(d(images, targets)) == {"lr/heat", "bridge/heat", "distill/mse"}
         assert [id(p) for p in d.parameters()] == params  # nothing new: DDP would see every parameter
+
+
+def test_a_teacher_that_differs_between_ranks_is_refused_at_the_first_step(ddp_ranks):
+    # The teacher is outside the module tree: DDP neither broadcasts nor compares it. Rank 1 built its
+    # teacher from another seed; both ranks must say so, naming the rank (and the teacher, where several).
+    for r in ddp_ranks:
+        assert "rank 1 holds another teacher than rank 0" in r["teacher_single"], r["teacher_single"]
+        assert "rank 1 holds another teacher 'other' than rank 0" in r["teacher_two"], r["teacher_two"]
+        assert "'same'" not in r["teacher_two"]
+        # The same teacher on every rank (the runs above) passed the comparison, which did run.
+        assert all(r[loss]["teachers_compared"] for loss in LOSSES)
+
+
+def test_teacher_checksum_sees_buffers_and_swapped_tensors_and_names_the_ranks_that_differ():
+    from lrdet_core.ranks import ranks_that_differ, teacher_checksum
+
+    t = seeded(TinyDetector, 1)  # BatchNorm: running statistics are buffers
+    same = copy.deepcopy(t)
+    assert torch.equal(teacher_checksum(t), teacher_checksum(same))
+    stats = copy.deepcopy(t)
+    bn = next(m for m in stats.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_var.mul_(1.001)
+    swapped = copy.deepcopy(t)
+    a, b = swapped.head[0].bias, swapped.head[1].bias  # same shape, other places
+    a.data, b.data = b.data.clone(), a.data.clone()
+    sums = torch.stack([teacher_checksum(m) for m in (t, same, stats, swapped)])[:, None]
+    assert ranks_that_differ(sums, ["teacher"]) == {"teacher": [2, 3]}
+    two = torch.cat([sums, sums[[0, 0, 0, 0]]], dim=1)  # a second teacher, the same on every rank
+    assert ranks_that_differ(two, ["a", "b"]) == {"a": [2, 3]}
 
 
 def test_sync_batchnorm_student(ddp_ranks):

@@ -1,0 +1,72 @@
+"""Parameters that ``load_state_dict`` creates: reported as those created at a training step are.
+
+A custom model's projectors (and FGD's GcBlocks) are created from the checkpoint when it is loaded into a
+distiller that has not run yet. Lightning Fabric, Accelerate and Lightning's Trainer build the optimizer
+(and DistributedDataParallel) before they load a checkpoint, so those parameters would be left out of both:
+never updated, never synchronised, and nothing would say so.
+
+Example:
+    >>> import warnings
+    >>> from torch import nn
+    >>> m = nn.ModuleDict()
+    >>> def create(state_dict, prefix, *args):  # a pre-hook that creates what the checkpoint holds
+    ...     if "p.weight" in state_dict and "p" not in m:
+    ...         m["p"] = nn.Linear(2, 2)
+    >>> _ = m._register_load_state_dict_pre_hook(create)
+    >>> watch_load_creation(m)
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     _ = m.load_state_dict(nn.ModuleDict({"p": nn.Linear(2, 2)}).state_dict())
+    >>> "created 2 parameters" in str(w[0].message), "p.weight, p.bias" in str(w[0].message)
+    (True, True)
+"""
+from __future__ import annotations
+
+from typing import Any, List, Sequence, Set
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .warn import warn_user
+
+_FIX = ("call distiller.materialize(images, targets) before loading the checkpoint and before building the "
+        "optimizer (Lightning: in setup(); Fabric and Accelerate: before setup()/prepare(), also in the "
+        "process that resumes)")
+
+
+def watch_load_creation(module: nn.Module) -> None:
+    """Report (:func:`check_created_by_loading`) the parameters that ``module.load_state_dict`` creates.
+
+    Register it before the pre-hooks that create parameters, so that it sees the parameters before them;
+    parameters created by the pre-hooks of submodules are seen too (the check runs once the whole module
+    has loaded).
+    """
+    before: List[Set[int]] = []
+
+    def pre(*args: Any) -> None:
+        before.append({id(p) for p in module.parameters()})
+
+    def post(mod: nn.Module, incompatible_keys: Any) -> None:
+        seen = before.pop() if before else set()
+        check_created_by_loading([n for n, p in mod.named_parameters() if id(p) not in seen])
+
+    module._register_load_state_dict_pre_hook(pre)
+    module.register_load_state_dict_post_hook(post)
+
+
+def check_created_by_loading(names: Sequence[str]) -> None:
+    """Parameters created by ``load_state_dict``: an error under ``torch.distributed`` (DistributedDataParallel
+    built before the load would never average their gradients), else a warning (an optimizer built before
+    the load does not hold them)."""
+    if not names:
+        return
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise InputError(f"expected the distillation parameters to exist before load_state_dict under "
+                         f"torch.distributed (an optimizer or DistributedDataParallel built before the load "
+                         f"would never update or synchronise them), but loading created {len(names)}: "
+                         f"{listed}; {_FIX}")
+    warn_user(f"LRDet: load_state_dict created {len(names)} parameters that did not exist before ({listed}); "
+              f"an optimizer built before loading does not hold them, and they would never train. If the "
+              f"optimizer was built first, {_FIX}")
