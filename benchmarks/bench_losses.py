@@ -11,8 +11,8 @@ goals for the Triton rows (share of the copy bandwidth, speed-up over eager) are
 
 Methodology and column meanings: ``benchmarks/README.md``. Reproduce::
 
-    python benchmarks/bench_losses.py                 # full run (CUDA sizes on a GPU)
-    python benchmarks/bench_losses.py --quick         # CI smoke run, < 60 s
+    python benchmarks/bench_losses.py                 # full run (CUDA sizes on a GPU), into benchmarks/results/
+    python benchmarks/bench_losses.py --quick         # CI smoke run, < 60 s, into the untracked runs/benchmarks/
 """
 from __future__ import annotations
 
@@ -382,7 +382,8 @@ def main(argv=None) -> None:
                         "at 400x667 on CPU)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/ (committed); with --quick, the "
+                                                "untracked runs/benchmarks/, so that a smoke run leaves the checkout clean")
     p.add_argument("--tag", default=None, help="file name stem of the results (default: bench_<device type>)")
     p.add_argument("--plot", action="store_true", help="also save a matplotlib bar chart")
     p.add_argument("--threads", type=int, default=None,
@@ -420,7 +421,7 @@ def main(argv=None) -> None:
     meta.update({"levels": levels, "channels": channels, "warmup": warmup, "repeats": repeats, "quick": args.quick,
                  "method": "interleaved copy proxy; time/copy = median of per-pair ratios",
                  "command": " ".join([os.path.basename(sys.executable), *sys.argv])})
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"bench_{device.type}{'_quick' if args.quick else ''}"
     rows: List[Dict] = []
@@ -467,6 +468,12 @@ def main(argv=None) -> None:
         plot(rows, out / f"{stem}.png")
     if failures:
         sys.exit(f"{len(failures)} case(s) failed")
+
+
+def default_out(quick: bool) -> Path:
+    """Where results go without ``--out``: a full run into the committed ``benchmarks/results/``, a smoke run
+    into ``runs/benchmarks/`` (ignored by git, like the reproduction jobs' ``runs/``)."""
+    return ROOT / "runs" / "benchmarks" if quick else ROOT / "benchmarks" / "results"
 
 
 def write_results(out: Path, stem: str, rows: List[Dict], meta: Dict, failures: List[str]) -> None:

@@ -40,6 +40,31 @@ def test_bench_losses_quick(tmp_path):
     assert md.count("| torch |") == 4 and "median of pairs" in md and "| not measured |" in md
 
 
+def test_bench_losses_quick_writes_into_the_untracked_runs_folder(tmp_path, monkeypatch):
+    # A smoke run must leave the checkout clean: not benchmarks/results/ (committed) but runs/ (ignored).
+    # The script runs from a stand-in repository root, and stops at its first write.
+    written = []
+
+    class Stop(Exception):
+        pass
+
+    def record(out, stem, *args):
+        written.append(Path(out) / stem)
+        raise Stop
+
+    monkeypatch.setattr(bench_losses, "ROOT", tmp_path)
+    monkeypatch.setattr(bench_losses, "write_results", record)
+    with pytest.raises(Stop):
+        bench_losses.main(["--quick", "--losses", "mse"])
+    assert written == [tmp_path / "runs" / "benchmarks" / "bench_cpu_quick"]
+    assert not (tmp_path / "benchmarks").exists()
+    assert bench_losses.default_out(False) == tmp_path / "benchmarks" / "results"  # a full run: committed
+    # runs/ is ignored by the repository's own .gitignore.
+    if (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", "runs/benchmarks/bench_cpu_quick.json"], cwd=ROOT)
+        assert ignored.returncode == 0
+
+
 def test_time_pairs_interleaves_the_copy_proxy_with_the_case():
     calls = []
 
