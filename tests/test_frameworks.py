@@ -4,7 +4,10 @@ through Lightning Fabric, Lightning's Trainer, Accelerate and torch.amp's autoca
 The framework tests run for real where the framework is installed (the ``test`` extra installs both) and are
 skipped otherwise. The teacher's comparison across ranks is tested in ``test_reliability.py`` (gloo ranks).
 """
+import ast
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from lrdet_core import BridgeDistiller, InputError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HERE = __file__
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def _distiller(**kw):
@@ -188,3 +192,23 @@ def test_warnings_point_at_the_users_line_through_accelerate_bf16(accelerate_sta
         warnings.simplefilter("always")
         model(images, targets, hr_images=hr, hr_targets=hr_targets)  # autocast + fp32 output conversion
     _assert_at_this_file(_ours(record), "created at the first training step", "hr_scale=2 is not used")
+
+
+# --- the recipes in the docs ---------------------------------------------------------------------------------
+def test_the_recipes_in_the_docs_compile_and_import_only_what_parts_py_defines():
+    # Each page is self-contained, so parts.py appears on both: one text. Running the recipes takes two
+    # processes and minutes (they were run by hand, see the pages); this keeps their text from rotting.
+    blocks = {}
+    for page in ("lightning.md", "accelerate.md"):
+        found = re.findall(r'```python title="([^"]+)"\n(.*?)```\n', (DOCS / page).read_text(), re.S)
+        assert found, page
+        for name, body in found:
+            assert blocks.setdefault(name, body) == body, f"{name} differs between the pages"
+    assert set(blocks) == {"parts.py", "train_lightning.py", "train_fabric.py", "train_accelerate.py"}
+    trees = {name: ast.parse(body, filename=name) for name, body in blocks.items()}
+    defined = {n.name for n in trees["parts.py"].body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for name, tree in trees.items():
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "parts"
+                    for a in n.names}
+        assert imported <= defined, (name, imported - defined)
+        assert name == "parts.py" or imported, name
