@@ -45,8 +45,9 @@ def teacher_checksum(model: nn.Module) -> Tensor:
     tensors = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
     if not tensors:
         return torch.zeros(6, dtype=torch.float64)
+    device = tensors[0].device  # one copy to the CPU at the end, not one per tensor
     sums = torch.stack([torch.stack([t.detach().sum(dtype=torch.float64), t.detach().abs().sum(dtype=torch.float64),
-                                     t.detach().double().square().sum()]).cpu() for t in tensors])
+                                     t.detach().double().square().sum()]).to(device) for t in tensors]).cpu()
     position = torch.arange(1, len(tensors) + 1, dtype=torch.float64)
     counts = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], dtype=torch.float64)
     return torch.cat([counts, sums.sum(0), (sums[:, 0] * position).sum()[None]])
