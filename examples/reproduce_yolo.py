@@ -98,6 +98,53 @@ def write_dataset(root: Path, cache: Path) -> Path:
     return data
 
 
+def lr_views(cache: Path, lr: int) -> Dict[str, "object"]:
+    """The val tiles at ``lr`` px, as uint8 ``N x H x W x 3`` arrays, three ways: ``deployment`` (cv2 ``INTER_AREA``
+    of the original, how Ultralytics shrinks an image for validation and prediction), ``trainer`` (how the LRDet
+    trainer makes its LR batch: ``area_resize`` of the HR tile) and ``bilinear_aa`` (torch's antialiased bilinear,
+    the library's other examples' downsample), to measure what a mismatch costs."""
+    import cv2
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from lrdet_core.integrations.ultralytics import area_resize
+
+    views: Dict[str, list] = {"deployment": [], "trainer": [], "bilinear_aa": []}
+    to_u8 = lambda t: (t[0].permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy()  # noqa: E731
+    for t in dfd.load_split("val", cache_dir=str(cache)):
+        hr = (t["image"].permute(1, 2, 0) * 255).round().byte().numpy()
+        views["deployment"].append(cv2.resize(hr, (lr, lr), interpolation=cv2.INTER_AREA))
+        x = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
+        views["trainer"].append(to_u8(area_resize(x, (lr, lr))))
+        views["bilinear_aa"].append(to_u8(F.interpolate(x, size=(lr, lr), mode="bilinear", align_corners=False,
+                                                         antialias=True)))
+    return {k: np.stack(v) for k, v in views.items()}
+
+
+def deployment_gap(cache: Path, data_root: Path, lr: int, student: Path) -> Dict:
+    """How far each LR view is from the one deployment sees: in pixels, and in one student's mAP50-95
+    (``YOLO(student).val`` on the val tiles pre-shrunk that way, so that ``imgsz=lr`` resizes nothing more)."""
+    from PIL import Image
+    from ultralytics import YOLO
+
+    views = lr_views(cache, lr)
+    kw = dict(imgsz=lr, batch=16, device="cpu", plots=False, verbose=False, workers=0)
+    out = {"lr": lr, "student": student.name,
+           "mAP50-95": {"deployment": float(YOLO(str(student)).val(data=str(data_root / "data.yaml"), **kw).box.map)}}
+    for name in ("trainer", "bilinear_aa"):
+        diff = abs(views[name].astype("float64") - views["deployment"].astype("float64"))
+        out[f"{name}_mean_abs_diff_0_255"], out[f"{name}_max_abs_diff_0_255"] = float(diff.mean()), float(diff.max())
+        root = data_root.parent / f"{data_root.name}_val{lr}_{name}"
+        for sub in ("images", "labels"):
+            (root / sub / "val").mkdir(parents=True, exist_ok=True)
+        for i, arr in enumerate(views[name]):
+            Image.fromarray(arr).save(root / "images" / "val" / f"{i:04d}.png")
+            shutil.copyfile(data_root / "labels" / "val" / f"{i:04d}.txt", root / "labels" / "val" / f"{i:04d}.txt")
+        (root / "data.yaml").write_text(f"path: {root}\ntrain: images/val\nval: images/val\nnames:\n  0: tree\n")
+        out["mAP50-95"][name] = float(YOLO(str(student)).val(data=str(root / "data.yaml"), **kw).box.map)
+    return out
+
+
 def _train_kwargs(cfg: dict, seed: int, project: Path, name: str) -> dict:
     return dict(data=str(cfg["data"]), epochs=cfg["epochs"], batch=cfg["batch"], seed=seed, device="cpu", workers=0,
                 plots=False, val=False, verbose=False, exist_ok=True, project=str(project), name=name,
@@ -144,7 +191,7 @@ def run(arm: str, scale: float, seed: int, cfg: dict, cache: Path, threads: int)
     elapsed = time.time() - t
     m = YOLO(str(model.trainer.last)).val(data=str(cfg["data"]), imgsz=lr, batch=16, device="cpu", plots=False,
                                          verbose=False, workers=0)
-    return {"arm": arm, "scale": scale, "seed": seed, "train_s": elapsed,
+    return {"arm": arm, "scale": scale, "seed": seed, "train_s": elapsed, "last": str(model.trainer.last),
             "mAP50-95": float(m.box.map), "mAP50": float(m.box.map50)}
 
 
@@ -192,6 +239,17 @@ def markdown(res: Dict) -> str:
     for c in res["contrasts"]:
         lines.append(f"| {c['scale']} | {c['contrast']} | {c['mean']:+.4f} | {c['se']:.4f} | {c['n']} | "
                      f"{c['positive']}/{c['n']} |")
+    if res["deployment_gap"]:
+        lines += ["", "LR views of the val tiles against deployment's (cv2 INTER_AREA of the original): the trainer's "
+                  "(area_resize of the HR tile) and torch's antialiased bilinear; mean |difference| in 0-255 levels, "
+                  "and one LRDet student's mAP50-95 on each view:", "",
+                  "| LR px | trainer view diff | bilinear AA diff | mAP50-95 deployment | trainer view | bilinear AA |",
+                  "|---|---|---|---|---|---|"]
+        for g in res["deployment_gap"]:
+            m = g["mAP50-95"]
+            lines.append(f"| {g['lr']} | {g['trainer_mean_abs_diff_0_255']:.2f} | "
+                         f"{g['bilinear_aa_mean_abs_diff_0_255']:.2f} | {m['deployment']:.4f} | {m['trainer']:.4f} | "
+                         f"{m['bilinear_aa']:.4f} |")
     return "\n".join(lines)
 
 
@@ -256,8 +314,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         for w in work:
             keep(_worker(w))
     runs.sort(key=lambda r: (r["scale"], r["seed"], ARMS.index(r["arm"])))
+    gaps = [deployment_gap(args.cache, Path(cfg["data"]).parent, round(dfd.TILE * r["scale"]), Path(r["last"]))
+            for r in runs if r["arm"] == arms[-1] and r["seed"] == cfg["seeds"][0] and Path(r["last"]).is_file()]
     res = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()}, "teacher_map": teacher_map,
-           "runs": runs, "contrasts": contrasts(runs), "training_time_s": sum(r["train_s"] for r in runs),
+           "runs": runs, "deployment_gap": gaps, "contrasts": contrasts(runs), "training_time_s": sum(r["train_s"] for r in runs),
            "wall_time_s": time.time() - t0, "versions": harness.versions()}
     harness.write_json(out / f"{name}.json", res)
     (out / f"{name}.md").write_text(markdown(res) + "\n")

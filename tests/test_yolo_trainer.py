@@ -11,14 +11,12 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("ultralytics")
 os.environ["YOLO_OFFLINE"] = "1"
-from PIL import Image  # noqa: E402
+import cv2  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER  # noqa: E402
@@ -26,7 +24,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER  # noqa: E402
 from lrdet_core import BridgeDistiller  # noqa: E402
 from lrdet_core.adapters.ultralytics import save_checkpoint  # noqa: E402
 from lrdet_core.errors import InputError  # noqa: E402
-from lrdet_core.integrations.ultralytics import LRDetTrainer, lrdet_trainer  # noqa: E402
+from lrdet_core.integrations.ultralytics import LRDetTrainer, area_resize, lrdet_trainer  # noqa: E402
 from lrdet_core.integrations.ultralytics_model import LRDetModel, StudentEMA  # noqa: E402
 from tiny_yolo import write_dataset, write_model_yaml  # noqa: E402
 
@@ -199,21 +197,23 @@ def uint8_batch(n=2, size=128, seed=0):
             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.4, 0.1, 0.1]])}
 
 
-def pil_downsample(img, size):
-    """PIL's antialiased bilinear resize (the reference torch's antialias=True follows), channel by channel."""
-    out = [np.asarray(Image.fromarray(c.numpy().astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
-           for c in img]
-    return torch.from_numpy(np.stack(out))
+def deployment_resize(img_uint8, h, w):
+    """What Ultralytics' loader does to shrink an image for val and predict: cv2's INTER_AREA, HWC uint8."""
+    arr = cv2.resize(img_uint8.permute(1, 2, 0).numpy(), (w, h), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
 
 
-def test_the_lr_view_is_the_antialiased_downsample_of_the_hr_view(files):
+@pytest.mark.parametrize("scale,lr", [(2.0, 64), (4 / 3, 96)])
+def test_the_lr_view_is_the_hr_view_shrunk_as_deployment_shrinks_images(files, scale, lr):
     trainer = configured(files)
+    trainer.lrdet_config = lrdet_trainer(files["teacher"], hr_scale=scale).lrdet_config
     raw = uint8_batch()
     batch = trainer.preprocess_batch({k: v.clone() for k, v in raw.items()})
     torch.testing.assert_close(batch["hr_img"], raw["img"].float() / 255)
-    assert batch["img"].shape == (2, 3, 64, 64)
-    for i in range(2):
-        torch.testing.assert_close(batch["img"][i], pil_downsample(batch["hr_img"][i], 64), atol=2e-3, rtol=0)
+    assert batch["img"].shape == (2, 3, lr, lr)
+    for i in range(2):  # cv2 rounds to uint8: within half a level
+        torch.testing.assert_close(batch["img"][i], deployment_resize(raw["img"][i], lr, lr), atol=0.5 / 255 + 1e-6,
+                                   rtol=0)
     torch.testing.assert_close(batch["bboxes"], raw["bboxes"])  # normalised: the same boxes for both views
 
 
@@ -227,8 +227,7 @@ def test_multi_scale_draws_one_size_and_keeps_the_two_views_one_image(files):
         h = batch["img"].shape[-1]
         sizes.add(h)
         assert h % 32 == 0 and batch["hr_img"].shape[-2:] == (2 * h, 2 * h)
-        torch.testing.assert_close(batch["img"], F.interpolate(batch["hr_img"], size=(h, h), mode="bilinear",
-                                                               align_corners=False, antialias=True))
+        torch.testing.assert_close(batch["img"], area_resize(batch["hr_img"], (h, h)))
     assert len(sizes) > 1
 
 

@@ -10,8 +10,9 @@
 What the trainer changes, and nothing else:
 
 * **Two views of one image.** The train set is read at ``imgsz * hr_scale`` (the HR view, the teacher's size; mosaic,
-  ``close_mosaic`` and every other augmentation act on it); ``preprocess_batch`` makes the LR batch as its antialiased
-  downsample to ``imgsz``. With ``multi_scale``, one random LR size per batch and the HR view resized to ``hr_scale``
+  ``close_mosaic`` and every other augmentation act on it); ``preprocess_batch`` makes the LR batch from it by
+  :func:`area_resize`, the pixel-area filter of cv2's ``INTER_AREA`` with which Ultralytics shrinks images for
+  validation and prediction, so that the student trains on what it will be shown. With ``multi_scale``, one random LR size per batch and the HR view resized to ``hr_scale``
   times it. Validation, prediction and the saved ``args.imgsz`` stay at ``imgsz``, the LR size.
 * **The model it trains** is an :class:`~lrdet_core.integrations.ultralytics_model.LRDetModel` (the
   :class:`~lrdet_core.BridgeDistiller`), built in ``set_model_attributes``, the one hook that runs before compile,
@@ -41,7 +42,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 try:
     from ultralytics.data import build_yolo_dataset
@@ -130,6 +131,37 @@ def lrdet_trainer(teacher: Union[str, Path, nn.Module], hr_scale: float = 2.0, *
     # cloudpickling it by value, in each DDP worker), so the configuration has to travel with the class.
     return type("LRDetTrainer", (LRDetTrainer,), {"lrdet_config": config, "__module__": __name__,
                                                    "__qualname__": "lrdet_trainer.<locals>.LRDetTrainer"})
+
+
+def _area_weights(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """``(n_out, n_in)``: the share of each output pixel's footprint ``[i s, (i + 1) s)`` (``s = n_in / n_out``)
+    that input pixel ``j`` covers."""
+    s = n_in / n_out
+    lo = torch.arange(n_out, dtype=torch.float64)[:, None] * s
+    j = torch.arange(n_in, dtype=torch.float64)[None]
+    w = (torch.minimum(lo + s, j + 1) - torch.maximum(lo, j)).clamp(min=0) / s
+    return w.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+
+
+def area_resize(x: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Shrink images by pixel-area averaging: cv2's ``INTER_AREA`` (what Ultralytics' loader uses to shrink an
+    image for validation and prediction), for any ratio, as two small matrix products.
+
+    Args:
+        x: images ``(N, C, H, W)``, floating point.
+        size: ``(h, w)``, each at most ``H``, ``W``.
+
+    Shape:
+        ``(N, C, H, W)`` -> ``(N, C, h, w)``.
+
+    Example:
+        >>> area_resize(torch.arange(16.).reshape(1, 1, 4, 4), (2, 2)).flatten().tolist()  # 2x2 means
+        [2.5, 4.5, 10.5, 12.5]
+    """
+    h, w = size
+    if h > x.shape[-2] or w > x.shape[-1]:
+        raise InputError(f"expected area_resize to shrink, but got {tuple(x.shape[-2:])} -> {tuple(size)}")
+    return torch.einsum("ih,nchw,jw->ncij", _area_weights(x.shape[-2], h, x), x, _area_weights(x.shape[-1], w, x))
 
 
 class LRDetValidator(DetectionValidator):
@@ -224,8 +256,8 @@ class LRDetTrainer(DetectionTrainer):
         return build_yolo_dataset(args, img_path, batch, self.data, mode=mode, rect=False, stride=gs)
 
     def preprocess_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """Ultralytics' preprocessing of the HR batch, then the LR view as its antialiased downsample (``img``), with
-        the HR one kept as ``hr_img``. Boxes are normalised, so both views share them."""
+        """Ultralytics' preprocessing of the HR batch, then the LR view as its :func:`area_resize` (``img``), with the
+        HR one kept as ``hr_img``. Boxes are normalised, so both views share them."""
         ms, self.args.multi_scale = self.args.multi_scale, 0.0  # one random size for both views, below
         try:
             batch = super().preprocess_batch(batch)
@@ -238,7 +270,7 @@ class LRDetTrainer(DetectionTrainer):
             if tuple(hr.shape[-2:]) != hr_hw:  # Ultralytics' own multi-scale resize, at HR
                 hr = F.interpolate(hr, size=hr_hw, mode="bilinear", align_corners=False)
         batch["hr_img"] = hr
-        batch["img"] = F.interpolate(hr, size=lr_hw, mode="bilinear", align_corners=False, antialias=True)
+        batch["img"] = area_resize(hr, lr_hw)
         return batch
 
     def _lr_size(self, hr_hw: Tuple[int, int], scale: float, multi_scale: float) -> Tuple[int, int]:
