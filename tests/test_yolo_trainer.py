@@ -3,6 +3,7 @@
 Tiny YOLO models (1/16 of n's width) on a tiny generated dataset: LR ``imgsz=64``, HR view 128 (``hr_scale=2``).
 """
 import io
+import json
 import logging
 import os
 import pickletools
@@ -278,33 +279,41 @@ def test_bad_configurations_are_clear_errors(files):
         trainer.hr_imgsz()
 
 
-def test_the_ddp_state_file_rebuilds_the_configured_trainer(files):
+REBUILD = """
+import json, sys
+from ultralytics.utils import DEFAULT_CFG_DICT
+from ultralytics.utils.patches import torch_load
+state = torch_load(sys.argv[1], map_location="cpu")  # as Ultralytics' generated DDP script does, in a new process
+trainer = state["trainer"](cfg={**DEFAULT_CFG_DICT, "save_dir": ""}, overrides=state["args"],
+                           _callbacks=state["callbacks"])
+cfg = trainer.lrdet_config
+t = cfg.teacher if isinstance(cfg.teacher, str) else float(sum(v.double().sum() for v in cfg.teacher.state_dict().values()))
+print(json.dumps({"class": type(trainer).__mro__[1].__name__, "teacher": t, "hr_scale": cfg.hr_scale,
+                  "options": cfg.options}))
+"""
+
+
+def test_the_ddp_state_file_rebuilds_the_configured_trainer_in_a_new_process(files):
     pytest.importorskip("cloudpickle")
     from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
-    from ultralytics.utils.patches import torch_load
 
     torch.manual_seed(3)
     module_teacher = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
-    for teacher, options in ((files["teacher"], {"loss": "cwd", "alpha": 0.3, "inherit": True}),
-                             (module_teacher, {"alpha": "auto"})):
+    checksum = float(sum(v.double().sum() for v in module_teacher.state_dict().values()))
+    for teacher, options, expected in ((files["teacher"], {"loss": "cwd", "alpha": 0.3, "inherit": True},
+                                        files["teacher"]), (module_teacher, {"alpha": "auto"}, checksum)):
         T = lrdet_trainer(teacher, hr_scale=2.0, **options)
         trainer = T(overrides={"model": str(files["yamls"]["yolov8"]), "data": files["data"],
                                "project": str(files["root"] / "runs"), "name": "ddp", **TRAIN})
         file = generate_ddp_file(trainer)
         try:
-            state = torch_load(str(file).replace(".py", ".pt"), map_location="cpu")
+            out = subprocess.run([sys.executable, "-c", REBUILD, str(file).replace(".py", ".pt")], capture_output=True,
+                                 text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         finally:
             ddp_cleanup(trainer, file)
-        rebuilt = state["trainer"](cfg={**DEFAULT_CFG_DICT, "save_dir": ""}, overrides=state["args"],
-                                   _callbacks=state["callbacks"])
-        cfg = rebuilt.lrdet_config
-        assert isinstance(rebuilt, LRDetTrainer) and cfg.hr_scale == 2.0 and cfg.options == options
-        if isinstance(teacher, str):
-            assert cfg.teacher == teacher
-        else:
-            assert cfg.teacher is not teacher
-            for a, b in zip(cfg.teacher.state_dict().values(), teacher.state_dict().values()):
-                assert torch.equal(a, b)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got == {"class": "LRDetTrainer", "teacher": expected, "hr_scale": 2.0, "options": options}
 
 
 # --- resume and NaN recovery --------------------------------------------------------------------------------------
