@@ -375,3 +375,30 @@ def test_a_nan_term_reaches_ultralytics_own_recovery(files):
     assert trainer.nan_recovery_attempts == 0 and trainer.epoch == 2  # recovered, then finished
     for v in trainer._lrdet_model.student.state_dict().values():
         assert torch.isfinite(v.float()).all()
+
+
+# --- CUDA --------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_on_cuda_trains_the_distiller_in_mixed_precision_and_saves_a_plain_float_student(files, monkeypatch):
+    from ultralytics.utils import WEIGHTS_DIR
+
+    # Ultralytics' AMP check runs yolo26n.pt, downloading it when missing: a local one (untrained) keeps it offline.
+    if not (WEIGHTS_DIR / "yolo26n.pt").exists():
+        WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(DetectionModel("yolo26n.yaml", nc=80, verbose=False), WEIGHTS_DIR / "yolo26n.pt")
+    guard = NetworkGuard(monkeypatch)
+    seen = {}
+
+    def after_batch(tr):
+        seen.setdefault("dtypes", {k: v.dtype for k, v in tr.loss_items.items()})
+        seen.setdefault("scale", tr.scaler.get_scale() if tr.scaler.is_enabled() else None)
+    _, trainer = train(files, "amp", epochs=1, device=0, amp=True, callbacks=[("on_train_batch_end", after_batch)])
+    assert guard.attempts == []
+    assert trainer.amp is True and seen["scale"] is not None  # fp16 autocast with a GradScaler
+    assert set(seen["dtypes"].values()) == {torch.float32}
+    ckpt = torch.load(trainer.best, map_location="cpu", weights_only=False)
+    assert type(ckpt["model"]) is DetectionModel and not [m for m in pickled_globals(trainer.best)
+                                                          if m.startswith("lrdet_core")]
+    for v in trainer._lrdet_model.student.state_dict().values():
+        assert torch.isfinite(v.float()).all()
