@@ -101,6 +101,31 @@ def pickled_globals(path):
     return names
 
 
+def family_teacher(files, family):
+    """A teacher checkpoint of the student's family (its tiny width, trained at 128 px as far as its args say)."""
+    path = files["root"] / f"teacher_{family}.pt"
+    if not path.exists():
+        torch.manual_seed(2)
+        model = DetectionModel(str(files["yamls"][family]), nc=2, verbose=False)
+        save_checkpoint(model, path, train_args={**DEFAULT_CFG_DICT, "imgsz": 128, "task": "detect"})
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["yolov8", "yolo11"])
+def test_the_n_students_of_each_family_train_one_epoch_and_best_pt_is_plain(files, family):
+    model = YOLO(f"{family}n.yaml")
+    seen = {}
+    model.add_callback("on_train_end", lambda tr: seen.setdefault("trainer", tr))
+    model.train(data=files["data"], project=str(files["root"] / "runs"), name=f"n_{family}", epochs=1,
+                trainer=lrdet_trainer(family_teacher(files, family), hr_scale=2.0, inherit=True), **TRAIN)
+    trainer = seen["trainer"]
+    assert trainer.loss_names[:3] == ("lr/box", "lr/cls", "lr/dfl") and trainer.loss_names[-1] == "distill/mse"
+    assert not [m for m in pickled_globals(trainer.best) if m.startswith("lrdet_core")]
+    reloaded = YOLO(str(trainer.best))  # what model.train() itself reloads at the end
+    assert type(model.model) is type(reloaded.model) is DetectionModel and model.model.yaml["backbone"] == \
+        reloaded.model.yaml["backbone"] == trainer._lrdet_model.student.yaml["backbone"]
+
+
 # --- what a run leaves behind -----------------------------------------------------------------------------------
 def test_the_terms_are_the_progress_columns_and_results_csv_and_validation_has_the_lr_ones(trained):
     _, trainer, _ = trained
