@@ -64,13 +64,13 @@ def to_yolo_batch(img: Tensor, targets: Targets) -> Dict[str, Tensor]:
     """
     h, w = img.shape[-2:]
     boxes = [t["boxes"].detach().to(img.device, torch.float32) for t in targets]
-    xyxy = torch.cat(boxes) if boxes else img.new_zeros(0, 4)
+    xyxy = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=img.device)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=img.device)
     xywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / scale
     labels = [t["labels"].to(img.device) for t in targets]
     return {"img": img,
             "batch_idx": torch.cat([torch.full((len(b),), float(i), device=img.device) for i, b in enumerate(boxes)]
-                                   + [img.new_zeros(0)]),
+                                   + [torch.zeros(0, device=img.device)]),
             "cls": torch.cat(labels + [torch.zeros(0, dtype=torch.int64, device=img.device)]).float()[:, None],
             "bboxes": xywh}
 
