@@ -183,6 +183,7 @@ def test_yolo11_pair_of_two_sizes_trains_without_creating_parameters_late():
 
 
 # --- 3b. YOLO26: the end-to-end head and its E2ELoss ---------------------------------------------------------
+@pytest.mark.slow
 def test_the_issues_lines_train_a_yolo26n_student_with_a_yolo26s_teacher():
     from ultralytics import YOLO
 
@@ -210,7 +211,7 @@ def _e2e(crit, preds, batch, o2m):
                                                                                                  batch)[0]
 
 
-def test_yolo26_losses_are_its_e2e_loss_and_a_schedule_step_on_model_criterion_reaches_both_passes():
+def test_yolo26_terms_are_its_e2e_loss_and_a_schedule_step_on_model_criterion_reaches_both_passes():
     student = tiny(yaml="yolo26n.yaml")
     d = BridgeDistiller(student, tiny(yaml="yolo26n.yaml", width=0.125, seed=1), alpha=1.0).train()
     preds = []
@@ -231,29 +232,20 @@ def test_yolo26_losses_are_its_e2e_loss_and_a_schedule_step_on_model_criterion_r
         for kind, p, b in (("lr", preds[0], lr_b), ("bridge", preds[1], hr_b)):
             got = torch.stack([out[f"{kind}/{k}"] for k in ("box", "cls", "l1")])
             torch.testing.assert_close(got, _e2e(crit, p, b, o2m), rtol=1e-5, atol=1e-6, msg=f"{kind}, {n} updates")
-    # The model's own loss on the LR batch, with the criterion the distiller used: the lr/ terms.
-    ref = copy.deepcopy(student)
-    want = ref.loss(lr_b)[0]
-    torch.testing.assert_close(torch.stack([out[f"lr/{k}"] for k in ("box", "cls", "l1")]), want, rtol=1e-5, atol=0)
-
-
-def test_yolo26_terms_reach_the_heads_they_train():
-    student = tiny(yaml="yolo26n.yaml")
-    d = BridgeDistiller(student, tiny(yaml="yolo26n.yaml", width=0.125, seed=1), hr_scale=2.0).train()
-    out = d(*lr_batch())
+    # Every term reaches the heads it trains: the one-to-many head feeds the backbone, the one-to-one head reads
+    # detached features (Detect's own rule) but its class branch is trained by the cls terms.
     detect, first = student.model[-1], student.model[0].conv.weight
     for key in out:
         grads = torch.autograd.grad(out[key], [first, detect.cv3[0][2].weight, detect.one2one_cv3[0][2].weight],
                                     allow_unused=True, retain_graph=True)
-        assert grads[0] is not None and grads[0].abs().sum() > 0, key  # through the one-to-many head
-        if key.endswith("cls"):  # both heads' class branches, each through its own loss
+        assert grads[0] is not None and grads[0].abs().sum() > 0, key
+        if key.endswith("cls"):
             assert all(g is not None and g.abs().sum() > 0 for g in grads[1:]), key
         if key.startswith("distill"):
             assert grads[1] is None and grads[2] is None, key
 
 
-@pytest.mark.parametrize("s_yaml, t_yaml", [("yolo26n.yaml", "yolov8n.yaml"), ("yolov8n.yaml", "yolo26n.yaml"),
-                                            ("yolo26n.yaml", "yolo11n.yaml")])
+@pytest.mark.parametrize("s_yaml, t_yaml", [("yolo26n.yaml", "yolov8n.yaml"), ("yolov8n.yaml", "yolo26n.yaml")])
 def test_mixed_yolo_pairs_take_the_students_losses_and_distil_p3_to_p5(s_yaml, t_yaml):
     rec = RecordingLoss()
     student, teacher = tiny(yaml=s_yaml), tiny(yaml=t_yaml, width=0.125, seed=1)
