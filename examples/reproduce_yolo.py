@@ -43,9 +43,9 @@ import deepforest_data as dfd  # noqa: E402
 import harness  # noqa: E402
 
 PRESETS = {
-    "quick": dict(scales=[0.5], seeds=[0], epochs=1, teacher_epochs=1, batch=8, model="yolov8n.yaml"),
+    "quick": dict(scales=[0.5], seeds=[0], epochs=1, teacher_epochs=1, batch=8, model="yolo26n.yaml"),
     "default": dict(scales=[0.5, 0.75], seeds=[0, 1, 2, 3, 4], epochs=30, teacher_epochs=60, batch=16,
-                    model="yolov8n.yaml"),
+                    model="yolo26n.yaml"),
 }
 ARMS = ("plain", "ultra_distill", "lrdet", "lrdet_inherit")
 #: Paired contrasts (a - b on the same seed and scale).

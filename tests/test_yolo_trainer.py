@@ -111,7 +111,7 @@ def family_teacher(files, family):
     return str(path)
 
 
-@pytest.mark.parametrize("family", ["yolov8", "yolo11"])
+@pytest.mark.parametrize("family", ["yolov8", "yolo11", "yolo26"])
 def test_the_n_students_of_each_family_train_one_epoch_and_best_pt_is_plain(files, family):
     model = YOLO(f"{family}n.yaml")
     seen = {}
@@ -119,7 +119,12 @@ def test_the_n_students_of_each_family_train_one_epoch_and_best_pt_is_plain(file
     model.train(data=files["data"], project=str(files["root"] / "runs"), name=f"n_{family}", epochs=1,
                 trainer=lrdet_trainer(family_teacher(files, family), hr_scale=2.0, inherit=True), **TRAIN)
     trainer = seen["trainer"]
-    assert trainer.loss_names[:3] == ("lr/box", "lr/cls", "lr/dfl") and trainer.loss_names[-1] == "distill/mse"
+    third = "l1" if family == "yolo26" else "dfl"  # YOLO26's E2ELoss: an L1 box term (reg_max 1) in place of DFL
+    assert trainer.loss_names == tuple(f"{k}/{n}" for k in ("lr", "bridge") for n in ("box", "cls", third)) + (
+        "distill/mse",)
+    if family == "yolo26":  # the trainer's end-of-epoch criterion.update() reached the criterion LRDet's passes use
+        crit = trainer._lrdet_model.student.criterion
+        assert type(crit).__name__ == "E2ELoss" and crit.updates == 1 and trainer._lrdet_model.criterion is crit
     assert not [m for m in pickled_globals(trainer.best) if m.startswith("lrdet_core")]
     reloaded = YOLO(str(trainer.best))  # what model.train() itself reloads at the end
     assert type(model.model) is type(reloaded.model) is DetectionModel and model.model.yaml["backbone"] == \
