@@ -26,6 +26,7 @@ from .adapters.base import Replay
 from .align import bridge_sizes, resample_levels, upsample_to_teacher
 from .balance import auto_alpha_from_state_dict, check_balance, step_alphas
 from .context import DistillContext
+from .copies import check_has_teachers, without_teachers
 from .errors import InputError
 from .inherit import InheritReport, inherit_weights
 from .levels import LevelMap, LevelPair, normalize_level_map, pair_levels, warn_unpaired
@@ -51,7 +52,8 @@ class BridgeDistiller(nn.Module):
             of losses; in eval it takes ``images`` and returns predictions.
         teacher: the frozen HR detector, a list of them (one bridge each, Table 5), or a dict
             ``{name: teacher}`` whose names prefix the loss keys. It is never trained, always in eval
-            mode, runs under ``no_grad`` only as far as its neck, and is not part of ``state_dict()``.
+            mode, runs under ``no_grad`` only as far as its neck, and is not part of ``state_dict()``
+            nor of copies (``copy.deepcopy``, pickle: :mod:`lrdet_core.copies`).
         split_points: where to cut the student; found automatically for torchvision RetinaNet, FCOS and
             (Faster/Mask/Keypoint) R-CNN, and Ultralytics YOLO detection models (which take none).
         teacher_split_points: where to cut the teacher(s), when it differs from the student.
@@ -173,6 +175,7 @@ class BridgeDistiller(nn.Module):
     @property
     def teacher(self) -> nn.Module:
         """The first (usually the only) teacher."""
+        check_has_teachers(self._teachers, "distiller.teacher")
         return next(iter(self._teachers.values()))
 
     def train(self, mode: bool = True) -> "BridgeDistiller":
@@ -186,10 +189,14 @@ class BridgeDistiller(nn.Module):
         super()._apply(fn, recurse)
         if kept is not None:  # .half()/.bfloat16() move alpha along but must not round it
             self.auto_alpha = kept.to(device=self.auto_alpha.device)
-        for t in self._teachers.values():  # .to()/.cuda()/.float() move the teacher along
-            t._apply(fn, recurse)
+        for t in self._teachers.values() if recurse else ():  # .to()/.cuda()/.float() move the teacher along
+            t._apply(fn)  # without recurse: Ultralytics' BaseModel._apply takes none
             t.requires_grad_(False)
         return self
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies and pickles leave the frozen teacher out (:mod:`lrdet_core.copies` says why)."""
+        return without_teachers(super().__getstate__())
 
     @property
     def alphas(self) -> Dict[str, Optional[float]]:
@@ -251,6 +258,7 @@ class BridgeDistiller(nn.Module):
               ) -> Dict[str, Tensor]:
         """One LRDet step. ``training_step=False`` (materialize): parameters created here are expected and
         ``alpha="auto"`` is not measured (it may run on any batch, even a dummy one)."""
+        check_has_teachers(self._teachers, "a training step")
         images, targets = self.adapter.as_batch(images, targets, "images")
         if hr_images is not None:
             hr_images, hr_targets = self.adapter.as_batch(hr_images, hr_targets, "hr_images")

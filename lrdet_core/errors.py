@@ -27,3 +27,7 @@ class LossError(LRDetError):
 
 class NonFiniteError(LRDetError):
     """A distillation term is NaN or Inf."""
+
+
+class MissingTeacherError(LRDetError):
+    """A distiller without its teacher was asked to train: copies (``copy.deepcopy``, pickle) leave it out."""

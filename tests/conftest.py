@@ -32,8 +32,32 @@ def _real_kernels(config) -> bool:
     return torch.cuda.is_available()
 
 
+def _offline_ultralytics() -> None:
+    """Ultralytics never reaches the network in the tests: ``YOLO_OFFLINE`` (no update check), and a config folder of
+    the session's own holding a stand-in ``Arial.ttf`` (matplotlib's DejaVu Sans): Ultralytics checks for that font
+    whenever it checks a dataset, and downloads it when it is missing. Set before anything imports ultralytics."""
+    import shutil
+    import tempfile
+
+    os.environ["YOLO_OFFLINE"] = "1"
+    if "YOLO_CONFIG_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="lrdet-ultralytics-")
+    os.makedirs(os.path.join(folder, "Ultralytics"))  # Ultralytics' config folder is $YOLO_CONFIG_DIR/Ultralytics
+    try:
+        import matplotlib
+
+        font = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            shutil.copyfile(font, os.path.join(folder, "Ultralytics", name))
+    except (ImportError, OSError):
+        pass
+    os.environ["YOLO_CONFIG_DIR"] = folder
+
+
 def pytest_configure(config):
     # Runs before any test module is imported (collection comes after configuration).
+    _offline_ultralytics()
     config.lrdet_real_kernels = _real_kernels(config)
     if config.lrdet_real_kernels:
         os.environ.pop("TRITON_INTERPRET", None)

@@ -81,6 +81,7 @@ def _pre_hook(module, store):
 @pytest.mark.parametrize("yaml, cut", [
     ("yolov8n.yaml", YoloCut(backbone=(4, 6, 9), neck_start=10, neck=(15, 18, 21), head=22)),
     ("yolo11n.yaml", YoloCut(backbone=(4, 6, 10), neck_start=11, neck=(16, 19, 22), head=23)),
+    ("yolo26n.yaml", YoloCut(backbone=(4, 6, 10), neck_start=11, neck=(16, 19, 22), head=23)),
 ])
 def test_family_is_detected_and_the_cut_read_from_the_layer_list(yaml, cut):
     model = tiny(yaml=yaml)
@@ -165,7 +166,8 @@ def test_lr_losses_are_ultralytics_own_and_every_term_reaches_its_parameters():
         else:
             assert grads[1].abs().sum() > 0 and all(g is None for g in grads[2:]), key
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    assert not hasattr(student, "args") and getattr(student, "criterion", None) is None  # the model is unchanged
+    # The model is unchanged but for its own criterion, built once (as BaseModel.loss builds it) and kept.
+    assert not hasattr(student, "args") and student.criterion is d.adapter.criterion()
 
 
 def test_yolo11_pair_of_two_sizes_trains_without_creating_parameters_late():
@@ -178,6 +180,101 @@ def test_yolo11_pair_of_two_sizes_trains_without_creating_parameters_late():
     sum(out.values()).backward()
     assert all(torch.isfinite(v) for v in out.values())
     assert all(p.grad is not None for p in d.projectors.parameters())
+
+
+# --- 3b. YOLO26: the end-to-end head and its E2ELoss ---------------------------------------------------------
+@pytest.mark.slow
+def test_the_issues_lines_train_a_yolo26n_student_with_a_yolo26s_teacher():
+    from ultralytics import YOLO
+
+    student, teacher = YOLO("yolo26n.yaml").model, YOLO("yolo26s.yaml").model
+    distiller = BridgeDistiller(student, teacher, hr_scale=2.0)
+    images, targets = lr_batch()
+    ref = copy.deepcopy(student)
+    ref.args = get_cfg()  # as Ultralytics' trainer sets it (the wrapper's is a dict of overrides)
+    want, items = ref.loss(to_yolo_batch(pad_images(images, 32)[0], targets))  # Ultralytics' own loss
+    loss_dict = distiller(images, targets)
+    sum(loss_dict.values()).backward()
+    assert sorted(loss_dict) == ["bridge/box", "bridge/cls", "bridge/l1", "distill/mse", "lr/box", "lr/cls", "lr/l1"]
+    assert type(student.criterion).__name__ == "E2ELoss" and list(items) == ["box_loss", "cls_loss", "l1_loss"]
+    torch.testing.assert_close(torch.stack([loss_dict[f"lr/{k}"] for k in ("box", "cls", "l1")]), want,
+                               rtol=1e-5, atol=0)
+    assert [tuple(p.shape[:2]) for p in distiller.projectors.parameters() if p.dim() == 4] == \
+        [(128, 64), (256, 128), (512, 256)]  # n -> s widths at P3-P5
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _e2e(crit, preds, batch, o2m):
+    """E2ELoss's vector written out: ``o2m`` times the one-to-many head's terms plus ``1 - o2m`` times the
+    one-to-one head's (``E2ELoss.total`` is 1)."""
+    return o2m * crit.one2many.loss(preds["one2many"], batch)[0] + (1 - o2m) * crit.one2one.loss(preds["one2one"],
+                                                                                                 batch)[0]
+
+
+def test_yolo26_terms_are_its_e2e_loss_and_a_schedule_step_on_model_criterion_reaches_both_passes():
+    student = tiny(yaml="yolo26n.yaml")
+    d = BridgeDistiller(student, tiny(yaml="yolo26n.yaml", width=0.125, seed=1), alpha=1.0).train()
+    preds = []
+    student.model[-1].register_forward_hook(lambda m, inp, out: preds.append(out))  # the LR pass, then the bridge
+    images, targets = lr_batch()
+    hr_images, hr_targets = hr_batch()
+    lr_b, hr_b = to_yolo_batch(pad_images(images, 32)[0], targets), to_yolo_batch(pad_images(hr_images, 32)[0],
+                                                                                  hr_targets)
+    epochs = get_cfg().epochs  # the schedule's length: Ultralytics' default, the model has no args
+    for n in (0, 40):  # E2ELoss.decay: o2m falls linearly from 0.8 to 0.1 over epochs - 1 updates
+        crit = d.adapter.criterion()
+        for _ in range(n):
+            student.criterion.update()  # what Ultralytics' trainer calls at the end of each epoch
+        o2m = 0.1 + 0.7 * (1 - n / (epochs - 1))
+        preds.clear()
+        out = d(images, targets, hr_images=hr_images, hr_targets=copy.deepcopy(hr_targets))
+        assert student.criterion is crit and type(crit).__name__ == "E2ELoss" and len(preds) == 2
+        for kind, p, b in (("lr", preds[0], lr_b), ("bridge", preds[1], hr_b)):
+            got = torch.stack([out[f"{kind}/{k}"] for k in ("box", "cls", "l1")])
+            torch.testing.assert_close(got, _e2e(crit, p, b, o2m), rtol=1e-5, atol=1e-6, msg=f"{kind}, {n} updates")
+    # Every term reaches the heads it trains: the one-to-many head feeds the backbone, the one-to-one head reads
+    # detached features (Detect's own rule) but its class branch is trained by the cls terms.
+    detect, first = student.model[-1], student.model[0].conv.weight
+    for key in out:
+        grads = torch.autograd.grad(out[key], [first, detect.cv3[0][2].weight, detect.one2one_cv3[0][2].weight],
+                                    allow_unused=True, retain_graph=True)
+        assert grads[0] is not None and grads[0].abs().sum() > 0, key
+        if key.endswith("cls"):
+            assert all(g is not None and g.abs().sum() > 0 for g in grads[1:]), key
+        if key.startswith("distill"):
+            assert grads[1] is None and grads[2] is None, key
+
+
+@pytest.mark.parametrize("s_yaml, t_yaml", [("yolo26n.yaml", "yolov8n.yaml"), ("yolov8n.yaml", "yolo26n.yaml")])
+def test_mixed_yolo_pairs_take_the_students_losses_and_distil_p3_to_p5(s_yaml, t_yaml):
+    rec = RecordingLoss()
+    student, teacher = tiny(yaml=s_yaml), tiny(yaml=t_yaml, width=0.125, seed=1)
+    d = BridgeDistiller(student, teacher, loss=rec, hr_scale=2.0, alpha=1.0).train()
+    images, targets = lr_batch()
+    ref = copy.deepcopy(student)
+    ref.args = get_cfg()
+    want = ref.loss(to_yolo_batch(pad_images(images, 32)[0], targets))[0]
+    out = d(images, targets)
+    third = "l1" if s_yaml == "yolo26n.yaml" else "dfl"
+    assert sorted(out) == sorted([f"{k}/{n}" for k in ("lr", "bridge") for n in ("box", "cls", third)] +
+                                 ["distill/rec"])
+    torch.testing.assert_close(torch.stack([out[f"lr/{n}"] for n in ("box", "cls", third)]), want, rtol=1e-5, atol=0)
+    assert rec.calls[0]["ctx"].strides == [8, 16, 32]
+
+
+def test_a_criterion_built_on_another_device_is_rebuilt_with_its_schedule():
+    from lrdet_core.adapters.ultralytics import own_criterion
+
+    model = tiny(yaml="yolo26n.yaml")
+    crit = own_criterion(model)
+    for _ in range(5):
+        crit.update()
+    o2m = crit.o2m
+    crit.one2many.device = torch.device("meta")  # as if the model had moved since it was built
+    fresh = own_criterion(model)
+    assert fresh is not crit and fresh is model.criterion and fresh.one2many.device == torch.device("cpu")
+    assert (fresh.updates, fresh.o2m, fresh.o2o) == (5, o2m, crit.o2o) and o2m < 0.8
+    assert own_criterion(model) is fresh
 
 
 # --- 4. what the bridge is supervised with and what is distilled --------------------------------------------
@@ -214,19 +311,26 @@ def test_hr_scale_gives_the_scaled_boxes_to_the_bridge():
         torch.testing.assert_close(g["boxes"], t["boxes"] * 2, rtol=1e-6, atol=1e-4)
 
 
-def test_distilled_features_are_the_bridges_detect_inputs_at_the_teachers_sizes_times_alpha():
-    student, teacher, rec = tiny(), tiny(seed=1), RecordingLoss()  # one width: no projector between them
+#: Per yaml: the backbone levels the neck reads, the neck's Upsample of the last one, and the Concats that read
+#: the P4 and P3 levels.
+LAYERS = {"yolov8n.yaml": dict(levels=(4, 6, 9), up=10, cat_p4=11, cat_p3=14),
+          "yolo26n.yaml": dict(levels=(4, 6, 10), up=11, cat_p4=12, cat_p3=15)}
+
+
+@pytest.mark.parametrize("s_yaml, t_yaml", [("yolov8n.yaml", "yolov8n.yaml"), ("yolo26n.yaml", "yolo26n.yaml"),
+                                            ("yolo26n.yaml", "yolov8n.yaml")])
+def test_distilled_features_are_the_bridges_detect_inputs_at_the_teachers_sizes_times_alpha(s_yaml, t_yaml):
+    student, teacher, rec = tiny(yaml=s_yaml), tiny(yaml=t_yaml, seed=1), RecordingLoss()  # one width: no projector
     d = BridgeDistiller(student, teacher, loss=rec, alpha=0.37).train()
-    s_detect, t_detect, lr_levels, neck_in = [], [], {}, {10: [], 11: [], 14: []}
+    sl, tl = LAYERS[s_yaml], LAYERS[t_yaml]
+    s_detect, t_detect, lr_levels, t_levels = [], [], [], []
+    neck_in = {sl[k]: [] for k in ("up", "cat_p4", "cat_p3")}
     _pre_hook(student.model[-1], s_detect)
     teacher.model[-1].register_forward_hook(lambda m, inp, o: t_detect.append(1))
-    t_levels = {}
-    def keep(store, i, value):
-        store.setdefault(i, value)  # the first call: the LR pass (student), the HR pass (teacher)
-
-    for i in (4, 6, 9):
-        student.model[i].register_forward_hook(lambda m, inp, o, i=i: keep(lr_levels, i, o.detach()))
-        teacher.model[i].register_forward_hook(lambda m, inp, o, i=i: keep(t_levels, i, o.shape[-2:]))
+    for i in sl["levels"]:
+        student.model[i].register_forward_hook(lambda m, inp, o: lr_levels.append(o.detach()))
+    for i in tl["levels"]:
+        teacher.model[i].register_forward_hook(lambda m, inp, o: t_levels.append(o.shape[-2:]))
     for i in neck_in:
         _pre_hook(student.model[i], neck_in[i])
     images, targets = lr_batch()
@@ -247,13 +351,14 @@ def test_distilled_features_are_the_bridges_detect_inputs_at_the_teachers_sizes_
         ref(pad_images(hr_images, 32)[0])
     for t, r in zip(call["teacher"], seen[0]):
         torch.testing.assert_close(t, r, rtol=0, atol=0)
-    # The bridge's neck read the LR backbone levels resampled image by image to the teacher's sizes.
+    # The bridge's neck read the LR backbone levels (P3, P4, P5: the LR pass's, the first three recorded)
+    # resampled image by image to the sizes of the teacher's levels of the same stride.
     lr_sizes, hr_sizes = [(64, 64), (40, 96)], [(128, 128), (96, 192)]
-    want = {i: resample_to_hr(lr_levels[i], (64, 96), (128, 192), tuple(t_levels[i]), lr_sizes, hr_sizes)
-            for i in (4, 6, 9)}
-    torch.testing.assert_close(neck_in[10][1], want[9], rtol=0, atol=0)      # Upsample reads layer 9
-    torch.testing.assert_close(neck_in[11][1][1], want[6], rtol=0, atol=0)   # Concat reads layer 6
-    torch.testing.assert_close(neck_in[14][1][1], want[4], rtol=0, atol=0)   # Concat reads layer 4
+    p3, p4, p5 = (resample_to_hr(lv, (64, 96), (128, 192), tuple(t), lr_sizes, hr_sizes)
+                  for lv, t in zip(lr_levels[:3], t_levels[:3]))
+    torch.testing.assert_close(neck_in[sl["up"]][1], p5, rtol=0, atol=0)         # Upsample reads P5
+    torch.testing.assert_close(neck_in[sl["cat_p4"]][1][1], p4, rtol=0, atol=0)  # Concat reads P4
+    torch.testing.assert_close(neck_in[sl["cat_p3"]][1][1], p3, rtol=0, atol=0)  # Concat reads P3
 
 
 def test_bridge_keeps_the_students_batchnorm_running_statistics():
@@ -296,7 +401,8 @@ def test_student_exports_strictly_and_as_a_checkpoint_ultralytics_loads(tmp_path
     loaded = YOLO(str(save_checkpoint(student, tmp_path / "student.pt")))
     assert loaded.task == "detect"
     torch.testing.assert_close(loaded.model.eval()(img)[0], want, rtol=0, atol=0)
-    assert student.training is False and getattr(student, "criterion", None) is None  # the student is untouched
+    assert student.training is False and student.criterion is d.adapter.criterion()  # the file has no criterion
+    assert torch.load(tmp_path / "student.pt", weights_only=False)["model"].criterion is None
 
 
 # --- 6. bad input -------------------------------------------------------------------------------------------

@@ -1,25 +1,30 @@
-"""Ultralytics YOLO detection models (YOLOv8, YOLO11): the cut, the batch format and a checkpoint YOLO loads.
+"""Ultralytics YOLO detection models (YOLOv8, YOLO11, YOLO26): where LRDet cuts them and how it runs them.
 
 A YOLO ``DetectionModel`` is a flat list of layers; each layer reads the previous output or earlier outputs
 named by its ``f`` index (``BaseModel._predict_once``). LRDet cuts it where the neck begins:
 
 * the backbone levels are the outputs of the backbone layers (the yaml's ``backbone`` section) that the neck
-  reads (YOLOv8: layers 4, 6 and 9; YOLO11: 4, 6 and 10), named by their layer index;
-* the neck output, the distilled features, are the inputs of the ``Detect`` head (YOLOv8: 15, 18 and 21);
+  reads (YOLOv8: layers 4, 6 and 9; YOLO11 and YOLO26: 4, 6 and 10), named by their layer index;
+* the neck output, the distilled features, are the inputs of the ``Detect`` head (YOLOv8: 15, 18 and 21;
+  YOLO11 and YOLO26: 16, 19 and 22);
 * the bridge re-runs the layers from the first neck layer to ``Detect`` with the backbone levels resampled to
-  the teacher's sizes, and the model's own criterion (``v8DetectionLoss``) with the HR targets.
+  the teacher's sizes, and the model's own criterion with the HR targets.
 
 Inputs. Images as torchvision takes them (a list of ``C x H x W`` float tensors in [0, 1] or an ``N x C x H x W``
 tensor) with targets ``{"boxes": (K, 4) xyxy pixels, "labels": (K,) int64}``, where labels are YOLO's
 **0-based** class indices (``0 <= label < nc``, no background class); or a YOLO batch dict (``img``,
 ``batch_idx``, ``cls``, ``bboxes`` as normalised xywh), converted by :func:`from_yolo_batch`. A batch is padded
 at the bottom and right with YOLO's letterbox grey (114/255) to a multiple of the largest stride (32): boxes
-keep their pixels, and each image's own size is kept for the bridge's resampling.
+keep their pixels, and each image's own size is kept for the bridge's resampling (:mod:`.yolo_batch`).
 
-Losses: ``box``, ``cls`` and ``dfl``, the three entries of the criterion's loss vector (gains and the batch-size
-factor included); their sum is what Ultralytics' trainer backpropagates.
+Losses: the entries of the loss vector of the model's own criterion, ``model.criterion``, built once
+(:mod:`.yolo_loss`): ``box``, ``cls`` and ``dfl`` for YOLOv8 and YOLO11 (``v8DetectionLoss``); ``box``, ``cls``
+and ``l1`` for YOLO26 (``E2ELoss``: each entry the one-to-many and the one-to-one head's terms, weighted by the
+schedule that ``model.criterion.update()`` steps). Gains and the batch-size factor are included; their sum is
+what Ultralytics' trainer backpropagates.
 
-Ultralytics is AGPL-3.0 licensed; this module is the only one of lrdet-core that imports it.
+Ultralytics is AGPL-3.0 licensed; it is imported by this module, :mod:`.yolo_loss` and :mod:`.yolo_checkpoint`
+only, and this module re-exports their public names (:func:`save_checkpoint`, :func:`hyperparameters`, ...).
 
 Example:
     >>> from ultralytics.nn.tasks import DetectionModel
@@ -29,11 +34,8 @@ Example:
 """
 from __future__ import annotations
 
-import datetime
-from copy import deepcopy
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,13 +47,17 @@ except ImportError as e:  # pragma: no cover - only without the extra
 
 from .. import validate
 from ..context import level_stride
-from ..errors import InputError, LossError, SplitPointError
+from ..errors import InputError, SplitPointError
 from ..recording import Feats, Recorder, StopForward, bn_stats_frozen, hook
 from .base import Adapter, HRView, LevelSize, PassRecord, Replay, SplitPoints, Targets, frozen_run
 from .generic import scaled_view
+from .yolo_batch import PAD_VALUE, YoloInput, from_yolo_batch, pad_images, to_yolo_batch
+from .yolo_checkpoint import save_checkpoint
+from .yolo_loss import hyperparameters, named_losses, own_criterion
 
-#: YOLO's letterbox padding value (114 of 255), for the rows and columns added to reach a multiple of the stride.
-PAD_VALUE = 114 / 255
+__all__ = ["UltralyticsAdapter", "YoloCut", "yolo_cut", "run_layers", "PAD_VALUE", "PROBE_SIZE", "YoloInput",
+           "pad_images", "to_yolo_batch", "from_yolo_batch", "hyperparameters", "own_criterion", "save_checkpoint"]
+
 #: The side of the square probe image that reads off each level's stride and channels at construction.
 PROBE_SIZE = 256
 
@@ -116,117 +122,6 @@ def run_layers(layers: Sequence[nn.Module], y: List[Any], start: int) -> Any:
         x = m(x)
         y[m.i] = x
     return x
-
-
-# --- the batch format ----------------------------------------------------------------------------------------
-@dataclass
-class YoloInput:
-    """A batch as a YOLO model runs it: the padded image tensor, each image's size, targets in its pixels."""
-
-    img: Tensor
-    sizes: List[Tuple[int, int]]
-    targets: Optional[Targets]
-
-    @property
-    def canvas(self) -> Tuple[int, int]:
-        return int(self.img.shape[-2]), int(self.img.shape[-1])
-
-
-def pad_images(images: Union[Tensor, Sequence[Tensor]], stride: int) -> Tuple[Tensor, List[Tuple[int, int]]]:
-    """Images as one ``N x C x H x W`` tensor padded (bottom, right) to a multiple of ``stride``, and each
-    image's own (H, W).
-
-    Example:
-        >>> x, sizes = pad_images([torch.zeros(3, 40, 64), torch.zeros(3, 64, 30)], 32)
-        >>> tuple(x.shape), sizes
-        ((2, 3, 64, 64), [(40, 64), (64, 30)])
-    """
-    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    h = -(-max(s[0] for s in sizes) // stride) * stride
-    w = -(-max(s[1] for s in sizes) // stride) * stride
-    if isinstance(images, Tensor) and tuple(images.shape[-2:]) == (h, w):
-        return images, sizes
-    out = images[0].new_full((len(sizes), images[0].shape[0], h, w), PAD_VALUE)
-    for i, im in enumerate(images):
-        out[i, :, :im.shape[-2], :im.shape[-1]] = im
-    return out, sizes
-
-
-def to_yolo_batch(img: Tensor, targets: Targets) -> Dict[str, Tensor]:
-    """torchvision-style targets (xyxy pixels of ``img``) as YOLO's batch dict (normalised xywh).
-
-    Example:
-        >>> b = to_yolo_batch(torch.zeros(1, 3, 64, 32), [{"boxes": torch.tensor([[0., 16., 16., 48.]]),
-        ...                                                "labels": torch.tensor([2])}])
-        >>> b["batch_idx"].tolist(), b["cls"].tolist(), b["bboxes"].tolist()
-        ([0.0], [[2.0]], [[0.25, 0.5, 0.5, 0.5]])
-    """
-    h, w = img.shape[-2:]
-    boxes = [t["boxes"].detach().to(img.device, torch.float32) for t in targets]
-    xyxy = torch.cat(boxes) if boxes else img.new_zeros(0, 4)
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=img.device)
-    xywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / scale
-    labels = [t["labels"].to(img.device) for t in targets]
-    return {"img": img,
-            "batch_idx": torch.cat([torch.full((len(b),), float(i), device=img.device) for i, b in enumerate(boxes)]
-                                   + [img.new_zeros(0)]),
-            "cls": torch.cat(labels + [torch.zeros(0, dtype=torch.int64, device=img.device)]).float()[:, None],
-            "bboxes": xywh}
-
-
-def from_yolo_batch(batch: Mapping[str, Any], where: str = "batch") -> Tuple[Tensor, Targets]:
-    """A YOLO batch dict as ``(images, targets)``: a float ``N x C x H x W`` tensor in [0, 1] (a uint8 ``img``,
-    as Ultralytics' dataloader gives it, is divided by 255 as its trainer does) and one
-    ``{"boxes": xyxy pixels, "labels": int64}`` dict per image.
-
-    Raises:
-        InputError: for missing keys or shapes that do not fit together.
-
-    Example:
-        >>> b = {"img": torch.zeros(2, 3, 64, 32), "batch_idx": torch.tensor([1.]), "cls": torch.tensor([[2.]]),
-        ...      "bboxes": torch.tensor([[0.25, 0.5, 0.5, 0.5]])}
-        >>> img, t = from_yolo_batch(b)
-        >>> t[0]["boxes"].shape, t[1]["boxes"].tolist(), t[1]["labels"].tolist()
-        (torch.Size([0, 4]), [[0.0, 16.0, 16.0, 48.0]], [2])
-    """
-    missing = [k for k in ("img", "batch_idx", "cls", "bboxes") if k not in batch]
-    if missing:
-        raise InputError(f"expected the YOLO {where} dict to have 'img', 'batch_idx', 'cls' and 'bboxes', but it has "
-                         f"no {missing} (keys: {sorted(map(str, batch))})")
-    img, idx, cls, xywh = (batch[k] for k in ("img", "batch_idx", "cls", "bboxes"))
-    if not (isinstance(img, Tensor) and img.dim() == 4):
-        got = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
-        raise InputError(f"expected {where}['img'] to be an N x C x H x W tensor, but got {got}")
-    m = len(idx) if isinstance(idx, Tensor) and idx.dim() == 1 else None
-    shapes = {k: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-              for k, v in (("batch_idx", idx), ("cls", cls), ("bboxes", xywh))}
-    if m is None or not isinstance(cls, Tensor) or cls.numel() != m or not isinstance(xywh, Tensor) or \
-            tuple(xywh.shape) != (m, 4):
-        raise InputError(f"expected {where}['batch_idx'] (M,), ['cls'] (M,) or (M, 1) and ['bboxes'] (M, 4) for M "
-                         f"boxes, but got {shapes}")
-    n, (h, w) = img.shape[0], img.shape[-2:]
-    if m and (idx.min() < 0 or idx.max() >= n):
-        raise InputError(f"expected {where}['batch_idx'] in [0, {n}) for {n} images, but got values from "
-                         f"{float(idx.min()):g} to {float(idx.max()):g}")
-    img = img.float() / 255 if img.dtype == torch.uint8 else img
-    scale = torch.tensor([w, h, w, h], dtype=xywh.dtype, device=xywh.device)
-    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1) * scale
-    labels, idx = cls.reshape(-1).round().long(), idx.long()
-    return img, [{"boxes": xyxy[idx == i].float(), "labels": labels[idx == i]} for i in range(n)]
-
-
-def hyperparameters(model: nn.Module) -> Any:
-    """The loss gains the criterion reads (``box``, ``cls``, ``dfl``): ``model.args`` as a namespace, with
-    Ultralytics' defaults for what it lacks (``YOLO(...).model.args`` is a plain dict; a bare model has none)."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
-
-    args = getattr(model, "args", None)
-    if args is None:
-        return get_cfg()
-    if isinstance(args, Mapping):
-        return IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, **args})
-    return args
 
 
 class UltralyticsAdapter(Adapter):
@@ -310,27 +205,12 @@ class UltralyticsAdapter(Adapter):
 
     # --- losses -------------------------------------------------------------------------------------------
     def criterion(self) -> Any:
-        """The model's own criterion (``init_criterion()``), built on its current device with
-        :func:`hyperparameters` and without changing the model."""
-        had, old = hasattr(self.model, "args"), getattr(self.model, "args", None)
-        self.model.args = hyperparameters(self.model)
-        try:
-            return self.model.init_criterion()
-        finally:
-            if had:
-                self.model.args = old
-            else:
-                del self.model.args
+        """The model's own criterion, ``model.criterion`` (:func:`~lrdet_core.adapters.yolo_loss.own_criterion`):
+        built once, so that a schedule step on it (``E2ELoss.update()``) reaches the LR and bridge passes."""
+        return own_criterion(self.model)
 
     def _losses(self, preds: Any, x: YoloInput, where: str) -> Dict[str, Tensor]:
-        crit = self.criterion()
-        vec, _ = crit(preds, to_yolo_batch(x.img, x.targets))
-        names = [str(n).replace("_loss", "") for n in getattr(crit, "loss_names", ())]
-        if not isinstance(vec, Tensor) or vec.dim() != 1 or len(names) != vec.numel():
-            got = tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__
-            raise LossError(f"expected the {self.role}'s criterion ({type(crit).__name__}) to return one loss per "
-                            f"name in {names} in the {where}, but it returned {got}")
-        return dict(zip(names, vec.unbind()))
+        return named_losses(self.criterion(), preds, to_yolo_batch(x.img, x.targets), self.role, where)
 
     # --- passes -------------------------------------------------------------------------------------------
     def student_pass(self, images: Any, targets: Targets, keep_neck: bool) -> PassRecord:
@@ -406,38 +286,3 @@ class UltralyticsAdapter(Adapter):
         self.known_strides["backbone"] = {k: level_stride(canvas, t.shape[-2:])
                                           for k, t in rec.seen["backbone"].items()}
         return rec.seen["neck"], canvas
-
-
-def save_checkpoint(model: nn.Module, path: Union[str, Path], train_args: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``model`` (e.g. ``distiller.student``) as an Ultralytics checkpoint: ``YOLO(path)`` loads it.
-
-    The file holds a float32 copy of the model in eval mode (no criterion) under ``"model"``, as Ultralytics'
-    trainer saves its EMA, with ``train_args`` (default: the model's ``args``) and the version that wrote it.
-
-    Args:
-        model: a YOLO ``DetectionModel``.
-        path: where to write (``.pt``).
-        train_args: the training arguments ``YOLO(path).overrides`` will hold.
-
-    Example:
-        >>> from ultralytics import YOLO
-        >>> import tempfile, os
-        >>> m = YOLO("yolov8n.yaml").model
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     type(YOLO(save_checkpoint(m, os.path.join(d, "student.pt"))).model).__name__
-        'DetectionModel'
-    """
-    from . import ultralytics_family
-
-    if ultralytics_family(model) is None:
-        raise InputError(f"expected a YOLO DetectionModel to save, but got {type(model).__name__}")
-    copy = deepcopy(model).float().eval()
-    if hasattr(copy, "criterion"):
-        copy.criterion = None  # training-only state, as Ultralytics strips it
-    args = dict(train_args) if train_args is not None else dict(vars(hyperparameters(model)))
-    args.setdefault("task", "detect")
-    path = Path(path)
-    torch.save({"model": copy, "ema": None, "train_args": args, "date": datetime.datetime.now().isoformat(),
-                "version": ultralytics.__version__, "license": "AGPL-3.0 (https://ultralytics.com/license)"}, path)
-    return path
-
