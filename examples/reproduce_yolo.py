@@ -19,7 +19,7 @@ error. Runs are kept one JSON file each and reused by a rerun of the same comman
 Usage::
 
     python examples/reproduce_yolo.py --quick                 # smoke test: 1 epoch, 1 seed, 0.5x only
-    python examples/reproduce_yolo.py --jobs 2                # 5 seeds x 0.5x and 0.75x x 4 arms
+    python examples/reproduce_yolo.py --jobs 2                # 5 seeds x 0.5x and 0.75x x 4 arms, 20 epochs
     python examples/reproduce_yolo.py --jobs 2 --save-results # into the committed examples/results/
 
 Ultralytics is AGPL-3.0 licensed; from a checkout: ``pip install -e ".[examples,ultralytics]"``.
@@ -44,7 +44,7 @@ import harness  # noqa: E402
 
 PRESETS = {
     "quick": dict(scales=[0.5], seeds=[0], epochs=1, teacher_epochs=1, batch=8, model="yolo26n.yaml"),
-    "default": dict(scales=[0.5, 0.75], seeds=[0, 1, 2, 3, 4], epochs=30, teacher_epochs=60, batch=16,
+    "default": dict(scales=[0.5, 0.75], seeds=[0, 1, 2, 3, 4], epochs=20, teacher_epochs=40, batch=16,
                     model="yolo26n.yaml"),
 }
 ARMS = ("plain", "ultra_distill", "lrdet", "lrdet_inherit")
