@@ -23,11 +23,14 @@ import torch
 # tests/test_kernels_compile.py removes it for its own subprocess.
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-from lrdet_core.kernels import _common, _cwd_channels_last, _pointwise, cwd, fgd, l1, mse  # noqa: E402
+from lrdet_core.kernels import (_common, _cwd_channels_last, _fgd_backward, _fgd_combine, _fgd_forward,  # noqa: E402
+                                _pointwise, cwd, fgd, l1, mse)
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 if not isinstance(_common._sum_partials_kernel, InterpretedFunction):
-    for _mod in (_common, _pointwise, mse, l1, _cwd_channels_last, cwd, fgd):
+    # In import order: a kernel module picks up the kernels of the modules it imports when it is reloaded.
+    for _mod in (_common, _pointwise, mse, l1, _cwd_channels_last, cwd, _fgd_forward, _fgd_combine, _fgd_backward,
+                 fgd):
         importlib.reload(_mod)
 
 from lrdet_core.errors import LossError  # noqa: E402
