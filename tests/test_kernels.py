@@ -410,6 +410,29 @@ def test_fgd_loss_all_levels_in_each_launch_match_reference(monkeypatch, layout)
         torch.testing.assert_close(s.grad.double(), leaf.grad, rtol=1e-4, atol=3e-5 * leaf.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("n_levels", [5, 6])
+def test_fgd_five_or_six_levels_of_one_channel_count_fill_every_slot_of_one_launch(n_levels):
+    # A real FPN has one channel count, so all its levels share a forward tile and go in one launch, slot 0 to
+    # slot n-1 (FGD_PYRAMID above mixes channel counts: its launches hold 3, 3 and 1 levels and never reach
+    # slots 3-5). Every level's terms and gradient against float64, level by level.
+    g = torch.Generator().manual_seed(21)
+    canvas, strides = (72, 112), (8, 16, 32, 64, 128, 256)[:n_levels]
+    sizes = [(-(-canvas[0] // st), -(-canvas[1] // st)) for st in strides]
+    boxes = [torch.tensor([[8.0, 8.0, 60.0, 40.0]]), torch.tensor([[0.0, 20.0, 100.0, 70.0], [30, 0, 50, 30]])]
+    student = [torch.randn(2, 4, h, w, generator=g).requires_grad_() for h, w in sizes]
+    teacher = [torch.randn(2, 4, h, w, generator=g) for h, w in sizes]
+    masks = [[m.float() for m in reference.ref_fgd_masks(boxes, canvas, st, hw)] for st, hw in zip(strides, sizes)]
+    assert len({fgd.forward_tile(s.shape[1], False) for s in student}) == 1 and n_levels <= fgd.MAX_LEVELS
+    out = fgd.fgd_focal_attention_triton(student, teacher, [m[0] for m in masks], [m[1] for m in masks], 0.5)
+    leaves = [s.detach().double().requires_grad_() for s in student]
+    want = [sum(x) for x in zip(*(_fgd64(a, t.double(), fg, bg, 0.5) for a, t, (fg, bg) in zip(leaves, teacher, masks)))]
+    for got, exp in zip(out, want):
+        torch.testing.assert_close(got.double(), exp.detach(), rtol=1e-5, atol=1e-6)
+    sum(out).backward()
+    sum(want).backward()
+    _check_grads(student, [a.grad for a in leaves], torch.float32)
+
+
 def test_fgd_weights_scale_terms_and_gradient():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     plain = fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], 0.5)
