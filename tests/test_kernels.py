@@ -745,7 +745,7 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
     assert not copies, f"copies of feature-sized tensors: {copies}"
 
 
-# The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
+# The "Bytes and launches" table of docs/benchmarks.md: (fwd, bwd) accesses per element and
 # (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
 # CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
 # FGD: one stats launch, one focal launch and one sum forward, one backward launch, for all five levels.
