@@ -217,7 +217,6 @@ def mobilenets():
 @pytest.mark.parametrize("student_kind, teacher_kind", [("320", "fpn"), ("fpn", "320")])
 def test_mobilenet_v3_fpn_detectors_train_as_student_and_teacher(mobilenets, student_kind, teacher_kind):
     # Both FPN outputs '0' and '1' have stride 32: paired by name, with 'pool' at stride 64.
-    import copy
     student, teacher = copy.deepcopy(mobilenets[student_kind]), copy.deepcopy(mobilenets[teacher_kind])
     student.transform.min_size, student.transform.max_size = (64,), 64
     teacher.transform.min_size, teacher.transform.max_size = (128,), 128
