@@ -114,8 +114,8 @@ def _check_contrasts(sources, header, rows) -> list:
             elif head == "se":
                 wrong = None if _close(cell, se) else f"{se:.4f}"
             elif FRACTION.match(cell):
-                k, n = map(int, FRACTION.match(cell).groups())
-                wrong = None if (k, n) == (sum(d > 0 for d in diffs), len(diffs)) else f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+                positive = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+                wrong = None if cell == positive else positive
             elif head == "per seed":
                 printed = [x.strip() for x in cell.split(",")]
                 ok = len(printed) == len(diffs) and all(_close(p, d) for p, d in zip(printed, diffs))

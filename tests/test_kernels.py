@@ -425,7 +425,8 @@ def test_fgd_five_or_six_levels_of_one_channel_count_fill_every_slot_of_one_laun
     assert len({fgd.forward_tile(s.shape[1], False) for s in student}) == 1 and n_levels <= fgd.MAX_LEVELS
     out = fgd.fgd_focal_attention_triton(student, teacher, [m[0] for m in masks], [m[1] for m in masks], 0.5)
     leaves = [s.detach().double().requires_grad_() for s in student]
-    want = [sum(x) for x in zip(*(_fgd64(a, t.double(), fg, bg, 0.5) for a, t, (fg, bg) in zip(leaves, teacher, masks)))]
+    per_level = [_fgd64(a, t.double(), fg, bg, 0.5) for a, t, (fg, bg) in zip(leaves, teacher, masks)]
+    want = [sum(terms) for terms in zip(*per_level)]
     for got, exp in zip(out, want):
         torch.testing.assert_close(got.double(), exp.detach(), rtol=1e-5, atol=1e-6)
     sum(out).backward()
