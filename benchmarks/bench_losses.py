@@ -9,7 +9,7 @@ tensors, writes one, like a fused loss). The proxy and the case alternate inside
 (under 0.9 x the bytes-moved bound, or over 1000 x) is reported as noise, not as a result. The
 goals for the Triton rows (share of the copy bandwidth, speed-up over eager) are checked at the end.
 
-Methodology and column meanings: ``benchmarks/README.md``. Reproduce::
+Methodology and column meanings: ``docs/benchmarks.md``. Reproduce::
 
     python benchmarks/bench_losses.py                 # full run (CUDA sizes on a GPU), into benchmarks/results/
     python benchmarks/bench_losses.py --quick         # CI smoke run, < 60 s, into the untracked runs/benchmarks/

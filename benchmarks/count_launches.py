@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/count_launches.py            # prints a markdown table
     python benchmarks/count_launches.py --json     # one JSON object per row
+    python benchmarks/count_launches.py --save     # also writes benchmarks/results/launches.json
 """
 from __future__ import annotations
 
@@ -196,17 +197,36 @@ def accesses(loss: str, n: int = 2, c: int = 8, levels=((12, 20), (6, 10), (3, 5
     return {"fwd_accesses": fwd, "bwd_accesses": bwd}
 
 
+def _save(rows: List[Tuple], argv: List[str]) -> None:
+    import subprocess
+
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    meta = {"command": " ".join(["python benchmarks/count_launches.py", *argv]), "commit": commit.strip(),
+            "torch": torch.__version__, "triton": triton.__version__, "pyramid": RETINANET, "channels": 256,
+            "dtype": "bf16"}
+    out = os.path.join(ROOT, "benchmarks", "results", "launches.json")
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "rows": [{"loss": loss, "batch": n, **acc, **lau} for loss, n, acc, lau in rows]},
+                  f, indent=1)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/launches.json")
     args = parser.parse_args()
     rows: List[Tuple] = []
     for loss in args.losses:
         acc = accesses(loss)
         for n in args.batch:
             rows.append((loss, n, acc, launches(loss, n)))
+    if args.save:
+        _save(rows, sys.argv[1:])
     if args.json:
         for loss, n, acc, lau in rows:
             print(json.dumps({"loss": loss, "batch": n, **acc, **lau}))

@@ -17,6 +17,18 @@ import sys
 KEYS = ("scale", "teacher_iters", "iters", "batch", "lr", "teacher_seed")
 
 
+def paired(runs, a, b, split="val", metric="AP"):
+    """``a - b`` seed by seed over the seeds both methods ran, in ``a``'s seed order (same seed: same data
+    order and initialisation)."""
+    return [r[split][metric] - runs[b][s][split][metric] for s, r in runs[a].items() if s in runs[b]]
+
+
+def mean_se(diffs):
+    """Mean and standard error of paired differences (SE NaN for one seed)."""
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se
+
+
 def main(paths, pairs=()):
     runs, config = {}, None
     for p in paths:
@@ -51,11 +63,9 @@ def main(paths, pairs=()):
         missing = [m for m in (a_name, b_name) if m not in runs]
         if missing:
             sys.exit(f"--contrast {a_name} {b_name}: no runs of {missing} in {paths}; methods: {sorted(runs)}")
-        a, b = ap(a_name), ap(b_name)
-        diffs = [a[s] - b[s] for s in a if s in b]
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        print(f"| {a_name} − {b_name} | {statistics.mean(diffs):+.4f} ± {se:.4f} | "
-              f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
+        diffs = paired(runs, a_name, b_name)
+        mean, se = mean_se(diffs)
+        print(f"| {a_name} − {b_name} | {mean:+.4f} ± {se:.4f} | {sum(d > 0 for d in diffs)}/{len(diffs)} |")
 
 
 if __name__ == "__main__":

@@ -411,13 +411,17 @@ def fmt(ms, digits=3):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _resumed_note(results: Dict) -> str:
+def _time_note(results: Dict) -> str:
+    """The runs' summed training time: an invocation that reused finished runs has a meaningless wall time."""
+    train = results.get("training_time_s", sum(v for k, v in results["timings_s"].items() if k != "hr_teacher"))
     n = results.get("resumed_runs", 0)
-    if not n:
-        return ""
-    total = sum(v for k, v in results["timings_s"].items() if k != "hr_teacher")
-    return (f" for the last invocation, which reused {n} runs finished by earlier ones ({total / 3600:.1f} h of "
-            f"training over all runs)")
+    when = (f"over several invocations, the last of which reused {n} finished runs" if n
+            else f"wall time {results['wall_time_s'] / 60:.1f} min")
+    return f"training time {_minutes(train)} summed over the runs on {results['machine']} ({when})"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
 
 
 def markdown(results: Dict, summary: Dict) -> str:
@@ -429,10 +433,9 @@ def markdown(results: Dict, summary: Dict) -> str:
              f"{cfg['iters']} iterations, batch {cfg['batch']}, {cfg.get('optim', 'adamw')} lr {cfg['lr']}, "
              f"held-out rows {cfg.get('held_out_rows', 512)}, alpha (MSE, sum) {cfg['alpha']} (L1/CWD/FGD: "
              f"{ALPHAS['l1']}/{ALPHAS['cwd']}/{ALPHAS['fgd']}); seeds {cfg['seeds']} (teacher seed "
-             f"{cfg['teacher_seed']}); wall time {results['wall_time_s'] / 60:.1f} min on {results['machine']}"
-             f"{_resumed_note(results)} "
+             f"{cfg['teacher_seed']}); {_time_note(results)} "
              f"(teacher training: {results['timings_s']['hr_teacher'] / 60:.1f} min"
-             f"{', loaded from the cache, not part of the wall time' if results.get('teacher_cached') else ''}).", "",
+             f"{', loaded from the cache, not included' if results.get('teacher_cached') else ''}).", "",
              "Mean ± std over seeds. ΔAP: paired difference to the LR baseline with the same seed (same data order "
              "and initialisation). Boxes in native pixels for every model (COCO small: < 32² px).", ""]
     for split, title in (("val", "Held-out rows of the training image (main score)"),
@@ -785,6 +788,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             keep[method].load_state_dict(state)
 
     results["timings_s"] = timings
+    results["training_time_s"] = sum(v for k, v in timings.items() if k != "hr_teacher")
     results["wall_time_s"] = time.time() - t0
     results["resumed_runs"] = resumed
     results["teacher_cached"] = cached

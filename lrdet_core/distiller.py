@@ -251,6 +251,10 @@ class BridgeDistiller(nn.Module):
                 (default: ``hr_source``) and for custom models with ``hr_scale``.
         """
         if not self.training:
+            given = any(x is not None for x in (targets, hr_images, hr_targets))
+            if given and not getattr(self, "_warned_eval", False):  # once per distiller
+                self._warned_eval = True
+                validate.warn_targets_in_eval()
             return self.adapter.predict(images)
         return self._step(images, targets, hr_images, hr_targets, training_step=True)
 

@@ -358,6 +358,8 @@ def check_batch(adapter: Any, images: Any, targets: Any, hr_images: Any, hr_targ
     """
     if targets is None:
         raise InputError("expected targets in training mode, but got None")
+    if len(targets) == 0:
+        raise InputError("expected a batch of at least one image with its targets, but got an empty batch")
     adapter.check_images(images, len(targets), "images")
     adapter.check_targets(targets, "targets")
     if (hr_images is None) != (hr_targets is None):
@@ -373,6 +375,12 @@ def check_batch(adapter: Any, images: Any, targets: Any, hr_images: Any, hr_targ
     adapter.check_images(hr_images, len(targets), "hr_images")
     adapter.check_targets(hr_targets, "hr_targets")
     check_hr_not_smaller(images, hr_images)
+
+
+def warn_targets_in_eval() -> None:
+    """Targets given to a distiller in eval mode, which only predicts (said once per distiller)."""
+    warn_user("LRDet: the distiller is in eval mode, so distiller(images, targets) returns the student's "
+              "predictions and ignores the targets; call distiller.train() for the training losses")
 
 
 def warn_hr_scale_unused(hr_scale: float) -> None:

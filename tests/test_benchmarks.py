@@ -183,7 +183,7 @@ def test_real_kernel_mode_does_not_collect_the_interpreter_tests():
 
 
 def test_bytes_bound_keeps_the_bytes_moved_arithmetic():
-    # RetinaNet P3-P7 at 800x1333, N=16, C=256, bf16: the table of benchmarks/README.md.
+    # RetinaNet P3-P7 at 800x1333, N=16, C=256, bf16: the table of docs/benchmarks.md.
     levels = bench_losses.RETINANET_800
     mb = {loss: bench_losses.min_bytes(loss, levels, 16, 256, torch.bfloat16) / 2**20 for loss in bench_losses.LOSSES}
     # 5 accesses per element for every loss (benchmarks/count_launches.py counts them)

@@ -171,6 +171,9 @@ def test_teacher_is_frozen_stops_at_its_neck_and_never_changes():
     head_calls = []
     teacher.head.register_forward_hook(lambda *a: head_calls.append(1))
     d = BridgeDistiller(student, teacher)
+    grad_modes = []  # the teacher runs under no_grad: no graph is built through it, even for frozen weights
+    for part in (teacher.backbone.body, teacher.backbone.fpn):
+        part.register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
     d.train()
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     assert not any(p is q for p in d.parameters() for q in teacher.parameters())
@@ -181,6 +184,7 @@ def test_teacher_is_frozen_stops_at_its_neck_and_never_changes():
         sum(out.values()).backward()
         opt.step()
     assert head_calls == []
+    assert len(grad_modes) == 6 and not any(grad_modes)  # backbone and neck, three steps
     assert all(p.grad is None for p in teacher.parameters())
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

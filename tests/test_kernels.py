@@ -23,11 +23,14 @@ import torch
 # tests/test_kernels_compile.py removes it for its own subprocess.
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-from lrdet_core.kernels import _common, _cwd_channels_last, _pointwise, cwd, fgd, l1, mse  # noqa: E402
+from lrdet_core.kernels import (_common, _cwd_channels_last, _fgd_backward, _fgd_combine, _fgd_forward,  # noqa: E402
+                                _pointwise, cwd, fgd, l1, mse)
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 if not isinstance(_common._sum_partials_kernel, InterpretedFunction):
-    for _mod in (_common, _pointwise, mse, l1, _cwd_channels_last, cwd, fgd):
+    # In import order: a kernel module picks up the kernels of the modules it imports when it is reloaded.
+    for _mod in (_common, _pointwise, mse, l1, _cwd_channels_last, cwd, _fgd_forward, _fgd_combine, _fgd_backward,
+                 fgd):
         importlib.reload(_mod)
 
 from lrdet_core.errors import LossError  # noqa: E402
@@ -407,6 +410,30 @@ def test_fgd_loss_all_levels_in_each_launch_match_reference(monkeypatch, layout)
         torch.testing.assert_close(s.grad.double(), leaf.grad, rtol=1e-4, atol=3e-5 * leaf.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("n_levels", [5, 6])
+def test_fgd_five_or_six_levels_of_one_channel_count_fill_every_slot_of_one_launch(n_levels):
+    # A real FPN has one channel count, so all its levels share a forward tile and go in one launch, slot 0 to
+    # slot n-1 (FGD_PYRAMID above mixes channel counts: its launches hold 3, 3 and 1 levels and never reach
+    # slots 3-5). Every level's terms and gradient against float64, level by level.
+    g = torch.Generator().manual_seed(21)
+    canvas, strides = (72, 112), (8, 16, 32, 64, 128, 256)[:n_levels]
+    sizes = [(-(-canvas[0] // st), -(-canvas[1] // st)) for st in strides]
+    boxes = [torch.tensor([[8.0, 8.0, 60.0, 40.0]]), torch.tensor([[0.0, 20.0, 100.0, 70.0], [30, 0, 50, 30]])]
+    student = [torch.randn(2, 4, h, w, generator=g).requires_grad_() for h, w in sizes]
+    teacher = [torch.randn(2, 4, h, w, generator=g) for h, w in sizes]
+    masks = [[m.float() for m in reference.ref_fgd_masks(boxes, canvas, st, hw)] for st, hw in zip(strides, sizes)]
+    assert len({fgd.forward_tile(s.shape[1], False) for s in student}) == 1 and n_levels <= fgd.MAX_LEVELS
+    out = fgd.fgd_focal_attention_triton(student, teacher, [m[0] for m in masks], [m[1] for m in masks], 0.5)
+    leaves = [s.detach().double().requires_grad_() for s in student]
+    per_level = [_fgd64(a, t.double(), fg, bg, 0.5) for a, t, (fg, bg) in zip(leaves, teacher, masks)]
+    want = [sum(terms) for terms in zip(*per_level)]
+    for got, exp in zip(out, want):
+        torch.testing.assert_close(got.double(), exp.detach(), rtol=1e-5, atol=1e-6)
+    sum(out).backward()
+    sum(want).backward()
+    _check_grads(student, [a.grad for a in leaves], torch.float32)
+
+
 def test_fgd_weights_scale_terms_and_gradient():
     s, t, fg, bg = _fgd_inputs(torch.float32, False)
     plain = fgd.fgd_focal_attention_triton([s], [t], [fg], [bg], 0.5)
@@ -719,7 +746,7 @@ def test_mixed_bf16_fp32_inputs_are_not_copied(monkeypatch, name):
     assert not copies, f"copies of feature-sized tensors: {copies}"
 
 
-# The "Bytes and launches" table of benchmarks/README.md: (fwd, bwd) accesses per element and
+# The "Bytes and launches" table of docs/benchmarks.md: (fwd, bwd) accesses per element and
 # (fwd, bwd) Triton launches per call on RetinaNet P3-P7.
 # CWD (NCHW): P3, P4 and P5-P7 have three different row blocks, so 3 launches + 1 sum forward.
 # FGD: one stats launch, one focal launch and one sum forward, one backward launch, for all five levels.

@@ -183,3 +183,18 @@ def test_bridge_probe_replot_takes_the_contrasts_of_the_given_results(rd, tmp_pa
     assert got["scales"] == saved["scales"] and res["scales"] == saved["scales"]
     assert {k: v["mean"] for k, v in got["contrasts"]["0.5"].items()} == pytest.approx(expected)
     assert "lrdet-inherit" in expected and (tmp_path / "bridge_probe.png").stat().st_size > 0
+
+
+def test_result_markdown_reports_the_runs_summed_training_time_not_a_resumed_wall_time(rd):
+    # A preset whose runs were all reused by the last invocation has a wall time of seconds; the file must
+    # quote what the runs took (their summed training time), the teacher's time apart.
+    results = json.loads((EXAMPLES / "results" / "deepforest_powered.json").read_text())
+    summed = sum(v for k, v in results["timings_s"].items() if k != "hr_teacher")
+    assert results["resumed_runs"] and results["wall_time_s"] < 60 < summed
+    head = rd.markdown(results, results["summary"]).splitlines()[3]
+    assert f"training time {summed / 3600:.1f} h summed over the runs" in head
+    assert "wall time" not in head and f"reused {results['resumed_runs']} finished runs" in head
+    fresh = {**{k: v for k, v in results.items() if k != "training_time_s"}, "resumed_runs": 0, "wall_time_s": 1500.0,
+             "timings_s": {"hr_teacher": 600.0, "lrdet/0": 1000.0, "inherit/0": 800.0}}
+    head = rd.markdown(fresh, results["summary"]).splitlines()[3]
+    assert "training time 30.0 min summed over the runs" in head and "wall time 25.0 min" in head

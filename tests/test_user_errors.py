@@ -1,5 +1,6 @@
 """A new user's mistakes (issue 10 B) and ``alpha="auto"`` (issue 10 D): each works, or raises an
 LRDetError naming what was expected and what arrived, before anything is frozen or any forward runs."""
+import copy
 import warnings
 from collections import OrderedDict
 
@@ -216,21 +217,35 @@ def mobilenets():
 @pytest.mark.parametrize("student_kind, teacher_kind", [("320", "fpn"), ("fpn", "320")])
 def test_mobilenet_v3_fpn_detectors_train_as_student_and_teacher(mobilenets, student_kind, teacher_kind):
     # Both FPN outputs '0' and '1' have stride 32: paired by name, with 'pool' at stride 64.
-    import copy
     student, teacher = copy.deepcopy(mobilenets[student_kind]), copy.deepcopy(mobilenets[teacher_kind])
     student.transform.min_size, student.transform.max_size = (64,), 64
     teacher.transform.min_size, teacher.transform.max_size = (128,), 128
+    plain = copy.deepcopy(student)
     rec = _Recorder()
     d = BridgeDistiller(student, teacher, loss=rec, alpha=1.0, bridge_rois=32).train()
     assert d.adapter.known_strides["neck"] == {"0": 32, "1": 32, "pool": 64}
-    out = d(*batch(((100, 150), (150, 100))))
+    images, targets = batch(((100, 150), (150, 100)))
+    with torch.random.fork_rng():  # the RPN and RoI samplers draw from it
+        out = d(images, copy.deepcopy(targets))
     call = rec.calls[-1]
     assert call["ctx"].level_names == ["0", "1", "pool"] and call["ctx"].strides == [32, 32, 64]
-    assert [x.shape[-2:] for x in call["s"]] == [x.shape[-2:] for x in call["t"]]
+    with torch.no_grad():  # the teacher's levels are its own FPN's on its own transform of the batch
+        want = teacher.backbone(teacher.transform(images, copy.deepcopy(targets))[0].tensors)
+    assert list(want) == ["0", "1", "pool"] and all(torch.equal(t, want[k]) for t, k in zip(call["t"], want))
     assert {k.split("/")[0] for k in out} == {"lr", "bridge", "distill"}
+    # The LR terms and their gradient are the plain student's own on the same batch and random draws.
+    lr_keys = sorted(k for k in out if k.startswith("lr/"))
+    params = [p for p in student.parameters() if p.requires_grad]
+    lr_grads = torch.autograd.grad(sum(out[k] for k in lr_keys), params, retain_graph=True, allow_unused=True)
+    own = plain(images, copy.deepcopy(targets))
+    assert lr_keys == [f"lr/{k}" for k in sorted(own)]
+    for k in own:
+        torch.testing.assert_close(out[f"lr/{k}"], own[k], rtol=1e-6, atol=1e-7)
+    sum(own.values()).backward()
+    for (name, p), g in zip(((n, p) for n, p in plain.named_parameters() if p.requires_grad), lr_grads):
+        want_g = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(torch.zeros_like(p) if g is None else g, want_g, rtol=1e-5, atol=1e-6, msg=name)
     sum(out.values()).backward()
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
     assert student.backbone.fpn.inner_blocks[0][0].weight.grad.abs().sum() > 0  # level '0' reaches the loss
 
 
@@ -258,10 +273,18 @@ def test_teacher_cast_to_another_dtype_gets_its_input_in_that_dtype(dtype, autoc
 
 def test_torchvision_teacher_in_bf16_is_probed_and_trained_with():
     student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128, channels=48)
-    d = BridgeDistiller(student, teacher.to(torch.bfloat16), alpha=1e-3).train()  # the probe runs the teacher
+    rec = _Recorder()
+    d = BridgeDistiller(student, teacher.to(torch.bfloat16), loss=rec, alpha=1e-3).train()  # the probe runs it
     assert sorted(d.projectors) == ["teacher_s128", "teacher_s16", "teacher_s32", "teacher_s64", "teacher_s8"]
-    out = d(*batch())
-    assert out["distill/mse"].dtype == torch.float32 and torch.isfinite(out["distill/mse"])
+    images, targets = batch()
+    out = d(images, targets)
+    with torch.no_grad():  # the loss gets the teacher's own neck, in bf16, on its own transform of the batch
+        want = teacher.backbone(teacher.transform(images)[0].tensors.to(torch.bfloat16))
+    t_feats = rec.calls[-1]["t"]
+    assert len(t_feats) == len(want) == 5 and all(torch.equal(t, w) for t, w in zip(t_feats, want.values()))
+    assert all(t.dtype == torch.bfloat16 for t in t_feats)
+    assert out["distill/custom"].dtype == torch.float32
+    assert out["distill/custom"].item() == pytest.approx(1e-3 * rec.calls[-1]["value"].item(), rel=1e-6)
     sum(out.values()).backward()
 
 
@@ -533,7 +556,9 @@ def test_alpha_auto_balances_each_teacher_term_at_the_first_step_then_stays():
     for n in ("a", "b"):
         assert alphas[n] * raw[n].item() == pytest.approx(0.25 * det, rel=1e-12)
         assert torch.equal(out[f"distill.{n}/custom"], alphas[n] * raw[n])
-    assert alphas["a"] != alphas["b"] and d.auto_alpha.tolist() == [alphas["a"], alphas["b"]]
+    kept = d.state_dict()["auto_alpha"]  # a float64 buffer in the checkpoint, as measured
+    assert alphas["a"] != alphas["b"] and kept.dtype == torch.float64
+    assert kept.tolist() == pytest.approx([0.25 * det / raw[n].item() for n in ("a", "b")], rel=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once
         out2 = d(*_tiny_batch(seed=1))
@@ -545,7 +570,8 @@ def test_alpha_auto_waits_for_a_positive_term_and_weighs_it_zero_meanwhile():
     values = iter([0.0, 3.0, 5.0])
 
     def loss(s, t, ctx):
-        return mse_loss(s[0], t[0]) * 0 + next(values)  # 0 at the first step
+        m = sum(mse_loss(a, b) for a, b in zip(s, t))
+        return m - m.detach() + next(values)  # worth 0 at the first step, with the gradient of the MSE
 
     d = _tiny(loss=loss, alpha="auto").train()
     d.materialize(*_tiny_batch())  # consumes 0.0 without measuring
@@ -553,6 +579,9 @@ def test_alpha_auto_waits_for_a_positive_term_and_weighs_it_zero_meanwhile():
     with pytest.warns(UserWarning, match=r"Not set, the terms are not finite and positive: distill/loss \(L_FD = 0\)"):
         out = d(*_tiny_batch())
     assert d.alphas == {"teacher": None} and out["distill/loss"].item() == 0.0
+    out["distill/loss"].backward()  # weighted by 0: nothing reaches the projectors, which only this term trains
+    grads = [p.grad for p in d.projectors.parameters()]
+    assert grads and all(g is not None and not g.any() for g in grads)
     with pytest.warns(UserWarning, match=r"alpha=\S+ for distill/loss \(L_FD = 3\)"):
         out = d(*_tiny_batch())
     det = out["lr/heat"].item()

@@ -7,6 +7,7 @@ mistaken for each other.
 import copy
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -100,10 +101,15 @@ def test_the_readmes_lines_train_a_yolov8n_student_with_a_yolov8s_teacher():
 
     distiller = BridgeDistiller(YOLO("yolov8n.yaml").model, YOLO("yolov8s.yaml").model, hr_scale=2.0)
     images, targets = lr_batch()
+    ref = copy.deepcopy(distiller.student)
+    ref.args = get_cfg()
+    want, _ = ref.loss(to_yolo_batch(pad_images(images, 32)[0], targets))  # what Ultralytics' trainer sums
     loss_dict = distiller(images, targets)
     sum(loss_dict.values()).backward()
     assert sorted(loss_dict) == ["bridge/box", "bridge/cls", "bridge/dfl", "distill/mse", "lr/box", "lr/cls",
                                  "lr/dfl"]
+    torch.testing.assert_close(torch.stack([loss_dict[f"lr/{k}"] for k in ("box", "cls", "dfl")]), want,
+                               rtol=1e-6, atol=0)
     assert [tuple(p.shape[:2]) for p in distiller.projectors.parameters() if p.dim() == 4] == \
         [(128, 64), (256, 128), (512, 256)]  # n -> s widths at P3-P5
 
@@ -175,11 +181,14 @@ def test_yolo11_pair_of_two_sizes_trains_without_creating_parameters_late():
     d = BridgeDistiller(student, teacher, hr_scale=2.0, alpha=1e-3).train()
     n_params = len(list(d.parameters()))
     images, targets = lr_batch()
+    ref = copy.deepcopy(student)
+    ref.args = get_cfg()
+    want, _ = ref.loss(to_yolo_batch(pad_images(images, 32)[0], targets))
     out = d(images, targets)
     assert len(list(d.parameters())) == n_params
     sum(out.values()).backward()
-    assert all(torch.isfinite(v) for v in out.values())
-    assert all(p.grad is not None for p in d.projectors.parameters())
+    torch.testing.assert_close(torch.stack([out["lr/box"], out["lr/cls"], out["lr/dfl"]]), want, rtol=1e-6, atol=0)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.projectors.parameters())
 
 
 # --- 3b. YOLO26: the end-to-end head and its E2ELoss ---------------------------------------------------------
@@ -398,11 +407,13 @@ def test_student_exports_strictly_and_as_a_checkpoint_ultralytics_loads(tmp_path
     d.eval(), fresh.eval()
     want = d(images)[0]
     torch.testing.assert_close(fresh(img)[0], want, rtol=0, atol=0)
+    student.train()  # as in a training loop, criterion built: the file must hold an eval copy without it
+    student.criterion = criterion = types.SimpleNamespace(what="a criterion")
     loaded = YOLO(str(save_checkpoint(student, tmp_path / "student.pt")))
-    assert loaded.task == "detect"
+    assert student.training is True and student.criterion is criterion  # the student is untouched
+    assert loaded.task == "detect" and getattr(torch.load(tmp_path / "student.pt", weights_only=False)["model"],
+                                               "criterion", None) is None
     torch.testing.assert_close(loaded.model.eval()(img)[0], want, rtol=0, atol=0)
-    assert student.training is False and student.criterion is d.adapter.criterion()  # the file has no criterion
-    assert torch.load(tmp_path / "student.pt", weights_only=False)["model"].criterion is None
 
 
 # --- 6. bad input -------------------------------------------------------------------------------------------

@@ -73,6 +73,13 @@ class GenericAdapter(Adapter):
     # --- checks -----------------------------------------------------------------------------------------
     def check_images(self, images: Any, n: int, where: str) -> None:
         validate.check_images(images, n, where, False)
+        listed = images if isinstance(images, (list, tuple)) else ()
+        sizes = {tuple(x.shape[-2:]) for x in listed if isinstance(x, Tensor)}
+        if len(sizes) > 1:  # each image is taken to fill the canvas its backbone receives: one size per batch
+            raise InputError(f"expected the {where} of a {self.family} batch to share one size (the {self.role} gets "
+                             f"the batch as given, and each image is taken to fill the whole canvas), but got sizes "
+                             f"{sorted(sizes)}; resize or pad them to one size, boxes in that frame, or stack them "
+                             f"into an N x C x H x W tensor")
 
     def check_targets(self, targets: Any, where: str) -> None:
         validate.check_targets(targets, where, False)

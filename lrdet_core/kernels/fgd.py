@@ -13,7 +13,8 @@ weight the focal terms). The student's gradient of ``L_att`` flows through ``A_S
 ``A_C(S)``: per element it is ``sign(S) * (ga[n, hw] + gb[n, c])`` with per-pixel ``ga`` and
 per-channel ``gb`` from the softmax Jacobians. The masks get no gradient.
 
-Passes. Each is one launch for all levels (per group of :data:`~._common.MAX_LEVELS`, and in
+Passes, each in a module of its own (:mod:`._fgd_forward`, :mod:`._fgd_combine`, :mod:`._fgd_backward`;
+this module launches them). Each is one launch for all levels (per group of :data:`~._common.MAX_LEVELS`, and in
 forward per channel tile): programs are laid out level after level and a slot table (one
 pointer/size/offset set per level, built by :func:`._common.launch_levels`) tells a program its
 level (:func:`._common.level_slot`); the small side buffers hold the levels one after the other.
@@ -52,12 +53,14 @@ from typing import List, Sequence, Tuple
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from ..errors import LossError
 from ._common import (MAX_LEVELS, TRITON_DTYPE, Slot, check_level_lists, check_once, check_pair, launch_levels,
-                      level_slot, nchw_layout, split_program)
+                      nchw_layout)
+from ._fgd_backward import _fgd_backward_kernel
+from ._fgd_combine import _fgd_combine_kernel
+from ._fgd_forward import _fgd_forward_kernel
 
 #: Tile (channels, pixels) of the backward pass by layout: 2048 elements over 8 warps, longer along
 #: the unit-stride axis. A 32 x 128 tile needed 143-194 registers per thread under ptxas (one block
@@ -77,22 +80,6 @@ COMBINE_BLOCK = 4096
 COMBINE_TILE = 4096
 
 
-@triton.jit
-def _tile_offsets(n, c, hw, C, HW, CL: tl.constexpr):
-    # int64 before any product: N*C*HW can exceed 2**31.
-    n = n.to(tl.int64)
-    if CL:
-        return n * HW * C + hw.to(tl.int64)[None, :] * C + c.to(tl.int64)[:, None]
-    else:
-        return n * C * HW + c.to(tl.int64)[:, None] * HW + hw.to(tl.int64)[None, :]
-
-
-#: Per-level integers the JIT does not specialise: program-range ends and side-buffer offsets
-#: change with every pyramid and buy no vectorisation (C and HW stay specialised).
-NO_SPECIALISE = [f"{n}{i}" for i in range(MAX_LEVELS) for n in ("nb", "e", "po", "co")]
-NO_SPECIALISE_FORWARD = NO_SPECIALISE + [f"mo{i}" for i in range(MAX_LEVELS)]
-
-
 def combine_tile(channels: int) -> dict:
     """Constexprs of the combine kernel for pyramids of at most ``channels`` channels."""
     block_c = triton.next_power_of_2(channels)
@@ -105,313 +92,6 @@ def forward_tile(channels: int, channels_last: bool) -> Tuple[int, int, int]:
     sub_hw = max(1, FWD_TILE[channels_last] // block_c)
     return block_c, sub_hw, max(1, FWD_PIXELS // sub_hw)
 
-
-@triton.jit
-def _fgd_forward_block(s_ptr, t_ptr, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C, HW, nb,
-                       po, co, mo, inv_ct, BLOCK_C: tl.constexpr, SUB_HW: tl.constexpr, SUBS: tl.constexpr,
-                       CL: tl.constexpr):
-    # One pass over S and T for the pixels [hb * SUBS * SUB_HW, ...) of image n. With
-    # w(p) = exp(a_T(p) - m), a_T(p) = sum_c |T| / (C temp) and m the program's running maximum of
-    # a_T, it writes per channel c:
-    #   q_fg[c] = sum_p M_fg(p) w(p) (S - T)^2,  q_bg[c] likewise,  sum_p |S|,  sum_p |T|
-    # and m; per pixel sum_c |S| and sum_c |T|. The attention maps need sums over all pixels and
-    # all channels, so L_fg = HW/N sum_n sum_c A_C(T)[c] sum_programs e^(m - M) q_fg[c] / Z is
-    # finished on the host side from these O(N C HW / FWD_PIXELS) partials.
-    hb = local % nb
-    n = local // nb
-    c = tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    q_fg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    q_bg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    abs_s = tl.zeros([BLOCK_C], dtype=tl.float32)
-    abs_t = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m = tl.max(tl.full([SUB_HW], float("-inf"), tl.float32), axis=0)
-    for j in range(SUBS):
-        hw = (hb * SUBS + j) * SUB_HW + tl.arange(0, SUB_HW)
-        hw_mask = hw < HW
-        mask = c_mask[:, None] & hw_mask[None, :]
-        offs = _tile_offsets(n, c, hw, C, HW, CL)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        pix = po + n.to(tl.int64) * HW + hw
-        pix_t = tl.sum(tl.abs(t), axis=0)
-        tl.store(pix_s_ptr + pix, tl.sum(tl.abs(s), axis=0), mask=hw_mask)
-        tl.store(pix_t_ptr + pix, pix_t, mask=hw_mask)
-        abs_s += tl.sum(tl.abs(s), axis=1)
-        abs_t += tl.sum(tl.abs(t), axis=1)
-        logit = tl.where(hw_mask, pix_t * inv_ct, float("-inf"))
-        # Online maximum as in a streaming softmax: the first sub-block always holds a pixel, so m is
-        # finite from then on and exp(m_old - m) rescales what was summed before.
-        m_new = tl.maximum(m, tl.max(logit, axis=0))
-        w = tl.exp(logit - m_new)
-        fg = tl.load(fg_ptr + pix, mask=hw_mask, other=0.0) * w
-        bg = tl.load(bg_ptr + pix, mask=hw_mask, other=0.0) * w
-        d = s - t
-        dd = d * d
-        r = tl.exp(m - m_new)
-        q_fg = q_fg * r + tl.sum(dd * fg[None, :], axis=1)
-        q_bg = q_bg * r + tl.sum(dd * bg[None, :], axis=1)
-        m = m_new
-    # [N, nb, 4, C] per level: q_fg, q_bg, sum |S|, sum |T|.
-    row = co + local.to(tl.int64) * 4 * C + c
-    tl.store(ch_ptr + row, q_fg, mask=c_mask)
-    tl.store(ch_ptr + row + C, q_bg, mask=c_mask)
-    tl.store(ch_ptr + row + 2 * C, abs_s, mask=c_mask)
-    tl.store(ch_ptr + row + 3 * C, abs_t, mask=c_mask)
-    tl.store(m_ptr + mo + local, m)
-
-
-@triton.jit(do_not_specialize=NO_SPECIALISE_FORWARD)
-def _fgd_forward_kernel(fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr,
-                        s0, t0, C0, HW0, nb0, e0, po0, co0, mo0, ict0,
-                        s1, t1, C1, HW1, nb1, e1, po1, co1, mo1, ict1,
-                        s2, t2, C2, HW2, nb2, e2, po2, co2, mo2, ict2,
-                        s3, t3, C3, HW3, nb3, e3, po3, co3, mo3, ict3,
-                        s4, t4, C4, HW4, nb4, e4, po4, co4, mo4, ict4,
-                        s5, t5, C5, HW5, nb5, e5, po5, co5, mo5, ict5,
-                        BLOCK_C: tl.constexpr, SUB_HW: tl.constexpr, SUBS: tl.constexpr, CL: tl.constexpr):
-    # Programs are laid out level after level (see level_slot), each owning SUBS x SUB_HW pixels of
-    # one image and all its channels.
-    pid = tl.program_id(0)
-    mine, local = level_slot(pid, 0, e0)
-    if mine:
-        _fgd_forward_block(s0, t0, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C0, HW0, nb0,
-                           po0, co0, mo0, ict0, BLOCK_C, SUB_HW, SUBS, CL)
-    mine, local = level_slot(pid, e0, e1)
-    if mine:
-        _fgd_forward_block(s1, t1, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C1, HW1, nb1,
-                           po1, co1, mo1, ict1, BLOCK_C, SUB_HW, SUBS, CL)
-    mine, local = level_slot(pid, e1, e2)
-    if mine:
-        _fgd_forward_block(s2, t2, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C2, HW2, nb2,
-                           po2, co2, mo2, ict2, BLOCK_C, SUB_HW, SUBS, CL)
-    mine, local = level_slot(pid, e2, e3)
-    if mine:
-        _fgd_forward_block(s3, t3, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C3, HW3, nb3,
-                           po3, co3, mo3, ict3, BLOCK_C, SUB_HW, SUBS, CL)
-    mine, local = level_slot(pid, e3, e4)
-    if mine:
-        _fgd_forward_block(s4, t4, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C4, HW4, nb4,
-                           po4, co4, mo4, ict4, BLOCK_C, SUB_HW, SUBS, CL)
-    mine, local = level_slot(pid, e4, e5)
-    if mine:
-        _fgd_forward_block(s5, t5, fg_ptr, bg_ptr, pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, local, C5, HW5, nb5,
-                           po5, co5, mo5, ict5, BLOCK_C, SUB_HW, SUBS, CL)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))  # sign(0) = 0, as torch.sign
-
-
-@triton.jit
-def _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, n,
-                       C, HW, nb, po, co, pco, mo, ict, ihwt, inv_n, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    # One image of one level: its attention maps, its share of the three terms and the gradient
-    # factors of L_att, from the forward pass's per-pixel sums and per-program channel partials.
-    # Fixed loop orders: the result is bitwise identical run to run.
-    base = po + n.to(tl.int64) * HW
-    lanes = tl.arange(0, BLOCK_P)
-    # 1. Softmax statistics of a_S and a_T over the pixels: per-lane running maxima and sums.
-    vms = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    vmt = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    vzs = tl.zeros([BLOCK_P], dtype=tl.float32)
-    vzt = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for start in range(0, HW, BLOCK_P):
-        p = start + lanes
-        a_s = tl.where(p < HW, tl.load(pix_s_ptr + base + p, mask=p < HW, other=0.0) * ict, float("-inf"))
-        a_t = tl.where(p < HW, tl.load(pix_t_ptr + base + p, mask=p < HW, other=0.0) * ict, float("-inf"))
-        new_s = tl.maximum(vms, a_s)
-        new_t = tl.maximum(vmt, a_t)
-        # A lane that has seen no pixel yet keeps max -inf: shift by 0 there (exp(-inf) = 0, no NaN).
-        ref_s = tl.where(new_s == float("-inf"), 0.0, new_s)
-        ref_t = tl.where(new_t == float("-inf"), 0.0, new_t)
-        vzs = vzs * tl.exp(vms - ref_s) + tl.exp(a_s - ref_s)
-        vzt = vzt * tl.exp(vmt - ref_t) + tl.exp(a_t - ref_t)
-        vms = new_s
-        vmt = new_t
-    ms = tl.max(vms, axis=0)
-    mt = tl.max(vmt, axis=0)
-    zs = tl.sum(vzs * tl.exp(vms - ms), axis=0)
-    zt = tl.sum(vzt * tl.exp(vmt - mt), axis=0)
-    # 2. A_S(T) (kept for backward), sum |A_S(S) - A_S(T)| and sum_p u p of the softmax Jacobian.
-    att = 0.0
-    sup = 0.0
-    for start in range(0, HW, BLOCK_P):
-        p = start + lanes
-        a_s = tl.load(pix_s_ptr + base + p, mask=p < HW, other=0.0) * ict
-        a_t = tl.load(pix_t_ptr + base + p, mask=p < HW, other=0.0) * ict
-        as_s = tl.where(p < HW, HW * tl.exp(a_s - ms) / zs, 0.0)
-        as_t = tl.where(p < HW, HW * tl.exp(a_t - mt) / zt, 0.0)
-        d = as_s - as_t
-        att += tl.sum(tl.abs(d), axis=0)
-        sup += tl.sum(_sign(d) * inv_n * as_s / HW, axis=0)
-        tl.store(as_t_ptr + base + p, as_t, mask=p < HW)
-    # 3. d(sum |A_S(S) - A_S(T)| / N)/d(sum_c |S| per pixel): A_S(S) (u - sup) / (C temp).
-    for start in range(0, HW, BLOCK_P):
-        p = start + lanes
-        a_s = tl.load(pix_s_ptr + base + p, mask=p < HW, other=0.0) * ict
-        a_t = tl.load(pix_t_ptr + base + p, mask=p < HW, other=0.0) * ict
-        as_s = HW * tl.exp(a_s - ms) / zs
-        u = _sign(as_s - HW * tl.exp(a_t - mt) / zt) * inv_n
-        tl.store(ga_ptr + base + p, as_s * (u - sup) * ict, mask=p < HW)
-    # 4. Channels: each program's partials were summed relative to its own maximum m_k; bring them to
-    # mt, the image's maximum (the largest m_k: the same fp32 logits), as z above is.
-    progs = mo + n.to(tl.int64) * nb
-    c = tl.arange(0, BLOCK_C)
-    cm = c < C
-    # BLOCK_K programs' rows per step: one short loop even for P3's ~130 programs per image.
-    q_fg = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    q_bg = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    sum_s = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    sum_t = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, nb, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        km = k < nb
-        r = tl.exp(tl.load(m_ptr + progs + k, mask=km, other=float("-inf")) - mt)[:, None]
-        row = pco + ((n.to(tl.int64) * nb + k) * 4 * C)[:, None] + c[None, :]
-        mask = km[:, None] & cm[None, :]
-        q_fg += r * tl.load(ch_ptr + row, mask=mask, other=0.0)
-        q_bg += r * tl.load(ch_ptr + row + C, mask=mask, other=0.0)
-        sum_s += tl.load(ch_ptr + row + 2 * C, mask=mask, other=0.0)
-        sum_t += tl.load(ch_ptr + row + 3 * C, mask=mask, other=0.0)
-    q_fg = tl.sum(q_fg, axis=0)
-    q_bg = tl.sum(q_bg, axis=0)
-    sum_s = tl.sum(sum_s, axis=0)
-    sum_t = tl.sum(sum_t, axis=0)
-    b_s = tl.where(cm, sum_s * ihwt, float("-inf"))
-    b_t = tl.where(cm, sum_t * ihwt, float("-inf"))
-    e_s = tl.exp(b_s - tl.max(b_s, axis=0))
-    e_t = tl.exp(b_t - tl.max(b_t, axis=0))
-    ac_s = C * e_s / tl.sum(e_s, axis=0)
-    ac_t = C * e_t / tl.sum(e_t, axis=0)
-    dc = ac_s - ac_t
-    att += tl.sum(tl.abs(dc), axis=0)
-    uc = _sign(dc) * inv_n
-    gb = ac_s * (uc - tl.sum(uc * ac_s / C, axis=0)) * ihwt
-    chan = co + n.to(tl.int64) * C + c
-    tl.store(ac_t_ptr + chan, ac_t, mask=cm)
-    tl.store(gb_ptr + chan, gb, mask=cm)
-    # L_fg N = sum_c A_C(T)[c] sum_p M_fg A_S(T)(p) (S - T)^2 with A_S(T)(p) = HW e^(a_T(p) - mt) / zt.
-    tl.store(out_ptr + pid * 3, HW * tl.sum(ac_t * q_fg, axis=0) / zt)
-    tl.store(out_ptr + pid * 3 + 1, HW * tl.sum(ac_t * q_bg, axis=0) / zt)
-    tl.store(out_ptr + pid * 3 + 2, att)
-
-
-#: Every integer of the combine kernel varies with the pyramid and buys no vectorisation.
-NO_SPECIALISE_COMBINE = [f"{n}{i}" for i in range(MAX_LEVELS)
-                         for n in ("C", "HW", "nb", "e", "po", "co", "pco", "mo")]
-
-
-@triton.jit(do_not_specialize=NO_SPECIALISE_COMBINE)
-def _fgd_combine_kernel(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, inv_n,
-                        C0, HW0, nb0, e0, po0, co0, pco0, mo0, ict0, ihwt0,
-                        C1, HW1, nb1, e1, po1, co1, pco1, mo1, ict1, ihwt1,
-                        C2, HW2, nb2, e2, po2, co2, pco2, mo2, ict2, ihwt2,
-                        C3, HW3, nb3, e3, po3, co3, pco3, mo3, ict3, ihwt3,
-                        C4, HW4, nb4, e4, po4, co4, pco4, mo4, ict4, ihwt4,
-                        C5, HW5, nb5, e5, po5, co5, pco5, mo5, ict5, ihwt5,
-                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One program per (level, image), levels one after the other (see level_slot); out holds a
-    # row (N L_fg, N L_bg, N L_att) per program.
-    pid = tl.program_id(0)
-    mine, local = level_slot(pid, 0, e0)
-    if mine:
-        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
-                           C0, HW0, nb0, po0, co0, pco0, mo0, ict0, ihwt0, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
-    mine, local = level_slot(pid, e0, e1)
-    if mine:
-        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
-                           C1, HW1, nb1, po1, co1, pco1, mo1, ict1, ihwt1, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
-    mine, local = level_slot(pid, e1, e2)
-    if mine:
-        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
-                           C2, HW2, nb2, po2, co2, pco2, mo2, ict2, ihwt2, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
-    mine, local = level_slot(pid, e2, e3)
-    if mine:
-        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
-                           C3, HW3, nb3, po3, co3, pco3, mo3, ict3, ihwt3, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
-    mine, local = level_slot(pid, e3, e4)
-    if mine:
-        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
-                           C4, HW4, nb4, po4, co4, pco4, mo4, ict4, ihwt4, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
-    mine, local = level_slot(pid, e4, e5)
-    if mine:
-        _fgd_combine_block(pix_s_ptr, pix_t_ptr, ch_ptr, m_ptr, as_t_ptr, ga_ptr, ac_t_ptr, gb_ptr, out_ptr, pid, local,
-                           C5, HW5, nb5, po5, co5, pco5, mo5, ict5, ihwt5, inv_n, BLOCK_C, BLOCK_P, BLOCK_K)
-
-
-@triton.jit
-def _fgd_grad_tile(s, t, f, ga, act, gb):
-    # d(w_fg L_fg + w_bg L_bg)/dS = f[hw] * A_C(T)[c] * (S - T), f = 2/N A_S(T) (w_fg M_fg + w_bg M_bg);
-    # d(w_att L_att)/dS = sign(S) (ga[hw] + gb[c]). sign(0) = 0 as for torch.abs.
-    sign = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-    return f[None, :] * act[:, None] * (s - t) + sign * (ga[None, :] + gb[:, None])
-
-
-@triton.jit
-def _fgd_tile(local, C, HW, nb, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    # local -> (sample, channel block, pixel block), pixel blocks fastest.
-    n, cb, hb = split_program(local, nb, tl.cdiv(C, BLOCK_C))
-    return n, cb * BLOCK_C + tl.arange(0, BLOCK_C), hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-
-
-@triton.jit
-def _fgd_backward_block(s_ptr, t_ptr, g_ptr, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C, HW, nb, po, co,
-                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    n, c, hw = _fgd_tile(local, C, HW, nb, BLOCK_C, BLOCK_HW)
-    hw_mask = hw < HW
-    c_mask = c < C
-    mask = c_mask[:, None] & hw_mask[None, :]
-    offs = _tile_offsets(n, c, hw, C, HW, CL)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pix = po + n.to(tl.int64) * HW + hw
-    ch = co + n.to(tl.int64) * C + c
-    f = tl.load(f_ptr + pix, mask=hw_mask, other=0.0)
-    ga = tl.load(ga_ptr + pix, mask=hw_mask, other=0.0)
-    act = tl.load(act_ptr + ch, mask=c_mask, other=0.0)
-    gb = tl.load(gb_ptr + ch, mask=c_mask, other=0.0)
-    g = _fgd_grad_tile(s, t, f, ga, act, gb)
-    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=NO_SPECIALISE)
-def _fgd_backward_kernel(f_ptr, ga_ptr, act_ptr, gb_ptr,
-                         s0, t0, g0, C0, HW0, nb0, e0, po0, co0,
-                         s1, t1, g1, C1, HW1, nb1, e1, po1, co1,
-                         s2, t2, g2, C2, HW2, nb2, e2, po2, co2,
-                         s3, t3, g3, C3, HW3, nb3, e3, po3, co3,
-                         s4, t4, g4, C4, HW4, nb4, e4, po4, co4,
-                         s5, t5, g5, C5, HW5, nb5, e5, po5, co5,
-                         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CL: tl.constexpr):
-    # f, ga and gb already carry the weights and the three grad_outputs.
-    pid = tl.program_id(0)
-    mine, local = level_slot(pid, 0, e0)
-    if mine:
-        _fgd_backward_block(s0, t0, g0, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C0, HW0, nb0, po0, co0,
-                            BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e0, e1)
-    if mine:
-        _fgd_backward_block(s1, t1, g1, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C1, HW1, nb1, po1, co1,
-                            BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e1, e2)
-    if mine:
-        _fgd_backward_block(s2, t2, g2, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C2, HW2, nb2, po2, co2,
-                            BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e2, e3)
-    if mine:
-        _fgd_backward_block(s3, t3, g3, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C3, HW3, nb3, po3, co3,
-                            BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e3, e4)
-    if mine:
-        _fgd_backward_block(s4, t4, g4, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C4, HW4, nb4, po4, co4,
-                            BLOCK_C, BLOCK_HW, CL)
-    mine, local = level_slot(pid, e4, e5)
-    if mine:
-        _fgd_backward_block(s5, t5, g5, f_ptr, ga_ptr, act_ptr, gb_ptr, local, C5, HW5, nb5, po5, co5,
-                            BLOCK_C, BLOCK_HW, CL)
 
 
 def _check(student: Tensor, teacher: Tensor, fg_mask: Tensor, bg_mask: Tensor, temp: float, level: int = 0) -> None:

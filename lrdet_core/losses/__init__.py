@@ -52,8 +52,8 @@ LOSSES: Dict[str, type] = {"mse": MSELoss, "l1": L1Loss, "cwd": CWDLoss, "fgd": 
 #: ``mse``: 0.005 with sum reduction, the paper's value (Eq. 1, Table 9). ``l1`` and ``cwd`` are
 #: chosen so that ``alpha * loss`` matches ``0.005 * MSE_sum`` on a RetinaNet pyramid (P3-P7 of an
 #: 800x1344 canvas, C=256, N=2) with unit-variance features whose difference has unit variance:
-#: there ``0.005 * MSE_sum = 5.7e4``, ``L1_sum = 9.2e6`` (ratio 0.0063, ``E d^2 / E|d| = sqrt(pi/2)``)
-#: and ``CWD = 2.48`` (ratio 2.3e4, stable across feature correlations since both grow like the
+#: there ``0.005 * MSE_sum = 5.7e4``, ``L1_sum = 9.15e6`` (ratio 0.0063, ``E d^2 / E|d| = sqrt(pi/2)``)
+#: and ``CWD = 2.47`` (ratio 2.3e4, stable across feature correlations since both grow like the
 #: difference's variance). ``fgd``: 1.0, because the presets already carry the FGD authors'
 #: absolute weights, tuned against the detection loss; at 1.0 FGD is about 1.5e3 times smaller
 #: than ``0.005 * MSE_sum`` but above MSE-mean with alpha 1, which the paper's Table 9 finds as good.
