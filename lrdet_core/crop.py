@@ -26,7 +26,8 @@ its meaning; windows around the boxes would under-sample the background that LRD
 rule for images without boxes. The draws come from torch's global CPU generator: ``torch.manual_seed`` makes
 them reproducible; :meth:`~lrdet_core.BridgeDistiller.materialize` does not consume them.
 
-Scaling: a loss with ``reduction == "sum"`` (the built-in MSE and L1, by default) is multiplied by ``1/p``.
+Scaling: a loss (module or callable) whose ``reduction`` attribute is ``"sum"`` (the built-in MSE and L1, by
+default) is multiplied by ``1/p``.
 Other losses (mean reductions, CWD's per-channel distributions, FGD's box- and area-normalised terms, custom
 callables) are left as they are.
 
@@ -95,12 +96,12 @@ def place_axis(length: int, unit: int, fraction_side: float, margin_px: int) -> 
     """Draw one axis of a window (see the module's docstring).
 
     Example:
-        >>> place_axis(100, 32, 1.0, 32)  # the interior would cover the axis: no crop
-        Axis(start=0, stop=100, inner_start=0, inner_stop=100, inv_p=1.0)
+        >>> place_axis(256, 32, 1.0, 32)  # the window would cover the axis: no crop on it
+        Axis(start=0, stop=256, inner_start=0, inner_stop=256, inv_p=1.0)
     """
     nominal = unit * round(fraction_side * length / unit)
     inner = max(unit, nominal - 2 * margin_px)
-    if inner >= length:
+    if nominal >= length or inner >= length:  # the window spans the axis: both its edges are the canvas's
         return Axis(0, length, 0, length, 1.0)
     blocks, cover = math.ceil(length / unit), inner // unit
     placements = blocks + cover - 1  # each block is in the interior of exactly `cover` of them
@@ -171,9 +172,9 @@ def crop_target(target: Mapping[str, Any], window: Box, where: str) -> Dict[str,
 
     Example:
         >>> t = {"boxes": torch.tensor([[0., 0., 10., 10.], [30., 30., 50., 50.]]), "labels": torch.tensor([1, 2])}
-        >>> c = crop_target(t, (0, 8, 32, 40), "hr_targets")
+        >>> c = crop_target(t, (0, 8, 48, 48), "hr_targets")  # (y0, x0, y1, x1): the first centre is outside
         >>> c["boxes"].tolist(), c["labels"].tolist()
-        ([[22.0, 30.0, 32.0, 32.0]], [2])
+        ([[22.0, 30.0, 40.0, 48.0]], [2])
     """
     out = dict(target)
     if "boxes" not in target:
@@ -302,4 +303,9 @@ class BridgeCrop:
         sizes = [(max(0, min(h, wy1) - wy0), max(0, min(wd, wx1) - wx0)) for h, wd in w.sizes]
         rec = replace(hr, neck=t_inner, canvas=(wy1 - wy0, wx1 - wx0), sizes=sizes,
                       targets=[{"boxes": b} for b in w.boxes])
-        return s_inner, rec, (w.scale if getattr(loss, "reduction", None) == "sum" else 1.0)
+        return s_inner, rec, (w.scale if _reduction(loss) == "sum" else 1.0)
+
+
+def _reduction(loss: Any) -> Optional[str]:
+    """The ``reduction`` of a loss module, or of a plain callable (held by the distiller in a wrapper's ``fn``)."""
+    return getattr(loss, "reduction", getattr(getattr(loss, "fn", None), "reduction", None))
