@@ -23,8 +23,8 @@ down during the run moves both sides of a ratio together.
 
 Models: torchvision ``retinanet``, ``fcos`` and ``faster_rcnn`` on a ResNet FPN at ``--raw``/``--lr-size``/
 ``--hr-size``; ``deepforest``: the FCOS of ``examples/reproduce_deepforest.py`` at the geometry of its
-``powered_sgd`` preset (HR tiles of 256 px, LR tiles of 192 px given as images, the HR view passed explicitly;
-the three size flags do not apply to it).
+``powered_sgd`` preset (HR tiles of 256 px, LR tiles of 192 px given as images, the HR view passed explicitly,
+batch 8; the size flags and ``--batch`` do not apply to it).
 """
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ ARMS = {"lr": None, "hr": None, "lrdet": {}, "upsample": {"bridge": False}, "eve
 #: ``--quick``: a smoke run of every process and arm on tiny models, written outside the tracked results.
 QUICK = dict(models=["retinanet"], raw=256, lr_size=128, hr_size=256, channels=32, batch=1, warmup=0, repeats=1,
              threads=1, out=os.path.join(ROOT, "runs", "bench_step_quick.json"))
-#: The deepforest model's fixed geometry (examples/reproduce_deepforest.py, preset powered_sgd): raw, LR, HR px.
+#: The deepforest model's fixed geometry (examples/reproduce_deepforest.py, preset powered_sgd): raw, LR, HR px,
+#: and its batch.
 DEEPFOREST = (256, 192, 256)
+DEEPFOREST_BATCH = 8
 
 
 def build(model: str, size: int, channels: int, backbone_name: str = "resnet18"):
@@ -78,12 +80,16 @@ def geometry(args) -> tuple:
     return DEEPFOREST if args.models[0] == "deepforest" else (args.raw, args.lr_size, args.hr_size)
 
 
+def batch_of(args) -> int:
+    return DEEPFOREST_BATCH if args.models[0] == "deepforest" else args.batch
+
+
 def inputs(args, dev: str):
     """The HR batch (images, targets), the LR batch and the distiller's HR keywords: the deepforest model takes
     LR tiles made by antialiased downsampling and its HR view explicitly; the torchvision models take the raw
     images (each model's transform resizes them) and build the HR view themselves."""
     raw, lr_size, _ = geometry(args)
-    images, targets = make_batch(args.batch, raw, dev)
+    images, targets = make_batch(batch_of(args), raw, dev)
     if args.models[0] != "deepforest":
         return (images, targets), (images, targets), {}
     f = lr_size / raw
@@ -237,7 +243,8 @@ def run_cost(args) -> dict:
                 if peak is not None:
                     rows[a]["peak_bytes"] = max(peak, rows[a]["peak_bytes"] or 0)
     add_ratios(rows)
-    return {"arms": rows, "cycle": args.cycle, "sizes": dict(zip(("raw", "lr", "hr"), geometry(args)))}
+    return {"arms": rows, "cycle": args.cycle, "sizes": dict(zip(("raw", "lr", "hr"), geometry(args))),
+            "batch": batch_of(args)}
 
 
 def rotated(names: list, r: int) -> list:
@@ -373,7 +380,8 @@ def markdown(report: dict) -> str:
         else:
             cells = ["failed"] * (len(parts) + 1)
         peaks = " / ".join(f"{r[k]['peak_bytes'] / 2**20:.0f}" if k in r else "failed" for k in MODES)
-        name = f"{model} (LR {DEEPFOREST[1]} / HR {DEEPFOREST[2]} px)" if model == "deepforest" else model
+        name = (f"{model} (LR {DEEPFOREST[1]} / HR {DEEPFOREST[2]} px, batch {DEEPFOREST_BATCH})"
+                if model == "deepforest" else model)
         lines.append(f"| {name} | {step['lr']} | {step['hr']} | {step['lrdet']} | " + " | ".join(cells)
                      + f" | {peaks} |")
     lines += cost_markdown(report.get("cost", {}))
@@ -394,14 +402,16 @@ def cost_markdown(cost: dict) -> list:
     lines = ["", "Cost of one step by option, interleaved in one process per model (median over the repeats of "
                  "the per-repeat ratio, min-max in brackets; a step is the mean of a cycle of "
                  f"{next(iter(cost.values()))['cycle']} consecutive steps):", "",
-             "| model | arm | options | step (s) | x LR step | x HR step | peak MiB (CUDA) |", "|---|---|---|---|---|---|---|"]
+             "| model | arm | options | step (s) | x LR step | x HR step | peak MiB (CUDA) |",
+             "|---|---|---|---|---|---|---|"]
     for model, c in cost.items():
         sizes = c["sizes"]
+        name = f"{model} (LR {sizes['lr']} / HR {sizes['hr']} px, batch {c['batch']})"
         for arm, r in c["arms"].items():
             opts = "plain model" if r["options"] is None else (
                 ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults")
             peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "n/a"
-            lines.append(f"| {model} (LR {sizes['lr']} / HR {sizes['hr']} px) | {arm} | {opts} | "
+            lines.append(f"| {name} | {arm} | {opts} | "
                          f"{statistics.median(r['step_s']):.3f} | {spread(r['x_lr']) if 'x_lr' in r else 'n/a'} | "
                          f"{spread(r['x_hr']) if 'x_hr' in r else 'n/a'} | {peak} |")
     return lines

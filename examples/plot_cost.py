@@ -14,8 +14,9 @@ Error bars:
 
 Usage::
 
-    python examples/plot_cost.py      # examples/results/deepforest_powered_sgd.json + benchmarks/results/bench_step.json
-    python examples/plot_cost.py --results runs/deepforest_quick.json --bench runs/bench_step_quick.json --model retinanet
+    python examples/plot_cost.py   # examples/results/deepforest_powered_sgd.json, benchmarks/results/bench_step.json
+    python examples/plot_cost.py --results runs/deepforest_quick.json --bench runs/bench_step_quick.json \
+        --model retinanet
 
 Writes ``<results stem>_cost.png`` and ``<results stem>_cost.md`` (the numbers behind the figure) next to the
 results file, or to ``--out`` (a ``.png`` path; the ``.md`` goes beside it).

@@ -251,7 +251,9 @@ def _slice(levels: Sequence[Any], window: Size, inner: Box) -> List[Tensor]:
     out = []
     for lv in levels:
         s, (h, w) = lv.stride, lv.tensor.shape[-2:]
-        out.append(lv.tensor[..., y0 // s:(h if y1 == window[0] else y1 // s), x0 // s:(w if x1 == window[1] else x1 // s)])
+        rows = slice(y0 // s, h if y1 == window[0] else y1 // s)
+        cols = slice(x0 // s, w if x1 == window[1] else x1 // s)
+        out.append(lv.tensor[..., rows, cols])
     return out
 
 

@@ -130,15 +130,16 @@ def test_bench_step_quick_cost_table(tmp_path):
     assert report["meta"]["config"]["quick"] and set(report["results"]["retinanet"]) == {"lr", "hr", "lrdet"}
     cost = report["cost"]["retinanet"]
     arms = cost["arms"]
-    assert list(arms) == list(bench_step.ARMS) and cost["cycle"] == 4 and cost["sizes"] == {"raw": 256, "lr": 128,
-                                                                                          "hr": 256}
+    assert list(arms) == list(bench_step.ARMS) and cost["cycle"] == 4 and cost["batch"] == 1
+    assert cost["sizes"] == {"raw": 256, "lr": 128, "hr": 256}
     for name, r in arms.items():
         assert r["options"] == bench_step.ARMS[name] and len(r["step_s"]) == 1 and r["step_s"][0] > 0
         # the ratios are to the LR and the HR step of the same repeat
         assert r["x_lr"] == [r["step_s"][0] / arms["lr"]["step_s"][0]]
         assert r["x_hr"] == [r["step_s"][0] / arms["hr"]["step_s"][0]]
     md = (tmp_path / "quick.md").read_text()
-    assert md.count("| retinanet (LR 128 / HR 256 px) |") == len(arms) and "distill_every=2, bridge_crop=0.25" in md
+    assert md.count("| retinanet (LR 128 / HR 256 px, batch 1) |") == len(arms)
+    assert "distill_every=2, bridge_crop=0.25" in md
     # a quick run without --out writes outside the tracked results
     assert Path(bench_step.QUICK["out"]).parent == ROOT / "runs" and "/runs/" in (ROOT / ".gitignore").read_text()
 
