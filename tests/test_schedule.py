@@ -152,3 +152,18 @@ def test_auto_alpha_is_measured_at_the_first_distilling_step():
 def test_bad_distill_every_is_rejected(bad):
     with pytest.raises(InputError, match="expected distill_every to be a positive int"):
         _distiller(distill_every=bad)
+
+
+def test_yolo_skipped_steps_keep_the_keys_and_crops_are_refused():
+    pytest.importorskip("ultralytics")
+    from test_yolo import hr_batch, lr_batch, tiny
+
+    images, targets = lr_batch()
+    hr, hr_targets = hr_batch()
+    d = BridgeDistiller(tiny(seed=0), tiny(seed=1), alpha=1e-4, distill_every=2).train()
+    calls = _teacher_calls(d)
+    outs = [d(images, targets, hr_images=hr, hr_targets=hr_targets) for _ in range(2)]
+    assert len(calls) == 1 and list(outs[0]) == list(outs[1]) == [
+        "lr/box", "lr/cls", "lr/dfl", "bridge/box", "bridge/cls", "bridge/dfl", "distill/mse"]
+    with pytest.raises(InputError, match="not supported for Ultralytics YOLO models yet"):
+        BridgeDistiller(tiny(seed=0), tiny(seed=1), bridge_crop=0.5)
