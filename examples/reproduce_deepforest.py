@@ -13,6 +13,8 @@ bridge          + LRDet's bridge branch and feature distillation, random initial
 inherit         + weights inherited from the teacher, no distillation
 lrdet           bridge + inherit (the full method)
 lrdet_<loss>    lrdet with the L1 / CWD / FGD distillation loss instead of MSE (``--full``)
+lrdet_every2    lrdet distilling on every 2nd step only (``distill_every=2``; also every4)
+lrdet_crop25    lrdet with the teacher and the bridge on a quarter of the HR tile (``bridge_crop=0.25``)
 ==============  ==================================================================================
 
 Predictions of LR models are scaled back to native pixels before COCO evaluation, so AP_S/AP_M
@@ -234,8 +236,13 @@ PRESETS = {
     # LRDet with alpha="auto" against the hand-picked alpha of "lrdet".
     "powered_sgd": dict(scale=0.75, teacher_iters=2000, iters=1000, batch=8, seeds=list(range(10)), lr=0.01,
                         teacher_lr=1e-3, alpha=POWERED_ALPHA, held_out_rows=768, optim="sgd",
-                        methods=["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_auto"]),
+                        methods=["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_auto",
+                                 "lrdet_every2", "lrdet_every4", "lrdet_crop25", "lrdet_every2_crop25"]),
 }
+#: The cheap presets: LRDet with the cost options of docs/cost.md (the teacher and the bridge on every k-th step,
+#: on a window of a quarter of the HR tile, or both).
+CHEAP = {"every2": dict(distill_every=2), "every4": dict(distill_every=4), "crop25": dict(bridge_crop=0.25),
+         "every2_crop25": dict(distill_every=2, bridge_crop=0.25)}
 #: Distillation weights. The library's recommended ones (the paper's alpha = 0.005 for sum-reduced MSE)
 #: fit ResNet-50 FPN features on COCO; this small from-scratch FPN has unnormalised outputs whose
 #: sum-reduced MSE to the teacher is ~4e6 per batch of 8 at the start, so 0.005 would make the
@@ -244,13 +251,16 @@ PRESETS = {
 #: ``--alpha`` overrides the MSE weight (also used by fitnet_up).
 ALPHAS = {"mse": 2e-7, "l1": 6e-7, "cwd": 0.2, "fgd": 7e-3}
 ALL_METHODS = ["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_l1", "lrdet_cwd", "lrdet_fgd",
-               "bridge_det_only", "bridge_fd_only", "lrdet_det_only", "lrdet_fd_only", "lrdet_auto"]
+               "bridge_det_only", "bridge_fd_only", "lrdet_det_only", "lrdet_fd_only", "lrdet_auto",
+               *(f"lrdet_{c}" for c in CHEAP)]
 LABELS = {"hr_teacher": "HR teacher (1x)", "lr_baseline": "LR baseline", "fitnet_up": "+ upsample distill (Fitnet/Up)",
           "bridge": "+ bridge", "inherit": "+ inherit", "lrdet": "+ bridge + inherit (LRDet)",
           "lrdet_l1": "LRDet, L1", "lrdet_cwd": "LRDet, CWD", "lrdet_fgd": "LRDet, FGD",
           "bridge_det_only": "+ bridge, L_det(HR) only", "bridge_fd_only": "+ bridge, distillation only",
           "lrdet_det_only": "LRDet, L_det(HR) only", "lrdet_fd_only": "LRDet, distillation only",
-          "lrdet_auto": "LRDet, alpha=\"auto\""}
+          "lrdet_auto": "LRDet, alpha=\"auto\"", "lrdet_every2": "LRDet, every 2nd step",
+          "lrdet_every4": "LRDet, every 4th step", "lrdet_crop25": "LRDet, bridge on 1/4 of the tile",
+          "lrdet_every2_crop25": "LRDet, every 2nd step, 1/4 tile"}
 #: Paired contrasts reported with their standard error: (a, b) means a - b on the same seed.
 CONTRASTS = [("lrdet", "inherit"), ("bridge", "lr_baseline"), ("bridge", "fitnet_up"), ("fitnet_up", "lr_baseline"),
              ("inherit", "lr_baseline"), ("lrdet", "lr_baseline"), ("bridge", "lrdet"), ("inherit", "bridge"),
@@ -258,7 +268,8 @@ CONTRASTS = [("lrdet", "inherit"), ("bridge", "lr_baseline"), ("bridge", "fitnet
              ("lrdet_fd_only", "inherit"), ("lrdet", "lrdet_det_only"), ("lrdet", "lrdet_fd_only"),
              ("bridge_det_only", "lr_baseline"), ("bridge_fd_only", "lr_baseline"),
              ("lrdet_l1", "inherit"), ("lrdet_cwd", "inherit"), ("lrdet_fgd", "inherit"),
-             ("lrdet_auto", "lrdet"), ("lrdet_auto", "inherit")]
+             ("lrdet_auto", "lrdet"), ("lrdet_auto", "inherit"),
+             *(pair for c in CHEAP for pair in (("lrdet", f"lrdet_{c}"), (f"lrdet_{c}", "inherit")))]
 
 
 def train_teacher(cfg: dict, crops: dfd.TrainCrops, cache: Optional[Path]):
@@ -315,7 +326,7 @@ def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teache
     elif variant == "auto":  # measured at the first step (alpha * L_FD = 0.5 L_det(LR)) instead of hand-picked
         alpha = "auto"
     d = BridgeDistiller(student, teacher, loss=loss, alpha=alpha, inherit=base == "lrdet", bridge=method != "fitnet_up",
-                        hr_det_weight=0.0 if variant == "fd_only" else 1.0)
+                        hr_det_weight=0.0 if variant == "fd_only" else 1.0, **CHEAP.get(variant, {}))
 
     def step(i):
         lr, lr_t, hr, hr_t = make_batch(crops, batch, scale, g)
@@ -329,7 +340,8 @@ def run_student(method: str, seed: int, cfg: dict, crops: dfd.TrainCrops, teache
 # process trains it (tests/test_examples.py checks this against ``--jobs 1``).
 _WORKER: Dict = {}
 #: relative cost of one run, to start the long ones first so the workers finish together
-_COST = {"lr_baseline": 1.0, "inherit": 1.0, "fitnet_up": 1.7}
+_COST = {"lr_baseline": 1.0, "inherit": 1.0, "fitnet_up": 1.7, "lrdet_every2": 2.3, "lrdet_every4": 1.7,
+         "lrdet_crop25": 2.3, "lrdet_every2_crop25": 1.7}  # guesses: they only order the queue
 
 
 def load_data(cache: Path, quick: bool, held_out_rows: int = dfd.HELD_OUT_ROWS):

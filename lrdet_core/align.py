@@ -20,7 +20,7 @@ Size = Tuple[int, int]
 
 
 def resample_to_hr(feat: Tensor, lr_canvas: Size, hr_canvas: Size, out_hw: Size,
-                   lr_sizes: Sequence[Size], hr_sizes: Sequence[Size]) -> Tensor:
+                   lr_sizes: Sequence[Size], hr_sizes: Sequence[Size], origin: Size = (0, 0)) -> Tensor:
     """Bilinearly resample ``feat`` (computed on the LR canvas) to ``out_hw`` on the HR canvas.
 
     A cell's centre at HR pixel ``y_h`` is read from LR pixel ``y_h * h_lr / h_hr`` of the same image,
@@ -32,6 +32,8 @@ def resample_to_hr(feat: Tensor, lr_canvas: Size, hr_canvas: Size, out_hw: Size,
         lr_canvas: padded LR canvas ``(H, W)`` in pixels; ``hr_canvas`` likewise.
         out_hw: output feature size.
         lr_sizes, hr_sizes: content size ``(h, w)`` of each image, LR and HR.
+        origin: where ``hr_canvas`` starts on the full HR canvas (``bridge_crop``'s window); ``hr_sizes`` are
+            then the images' full HR sizes.
 
     Shape:
         feat ``(N, C, h, w)`` -> ``(N, C, out_h, out_w)``.
@@ -43,7 +45,7 @@ def resample_to_hr(feat: Tensor, lr_canvas: Size, hr_canvas: Size, out_hw: Size,
     """
     n, _, h, w = feat.shape
     oh, ow = out_hw
-    if (h, w) == tuple(out_hw) and tuple(lr_canvas) == tuple(hr_canvas) and \
+    if (h, w) == tuple(out_hw) and tuple(lr_canvas) == tuple(hr_canvas) and tuple(origin) == (0, 0) and \
             [tuple(s) for s in lr_sizes] == [tuple(s) for s in hr_sizes]:
         return feat  # same geometry: bilinear sampling at cell centres would only add rounding noise
     # Exact canvas/feature ratios (not rounded strides): cell j covers [j*s, (j+1)*s) pixels.
@@ -51,8 +53,8 @@ def resample_to_hr(feat: Tensor, lr_canvas: Size, hr_canvas: Size, out_hw: Size,
     s_out_y, s_out_x = hr_canvas[0] / oh, hr_canvas[1] / ow
     opts = dict(device=feat.device, dtype=torch.float64)
     r = torch.tensor([[l[0] / max(hh[0], 1), l[1] / max(hh[1], 1)] for l, hh in zip(lr_sizes, hr_sizes)], **opts)
-    jy = (torch.arange(oh, **opts) + 0.5) * s_out_y  # HR pixel of each output cell centre
-    jx = (torch.arange(ow, **opts) + 0.5) * s_out_x
+    jy = origin[0] + (torch.arange(oh, **opts) + 0.5) * s_out_y  # HR pixel of each output cell centre
+    jx = origin[1] + (torch.arange(ow, **opts) + 0.5) * s_out_x
     uy = jy[None, :] * r[:, :1] / s_in_y  # continuous LR cell coordinate, 0 = left edge of cell 0
     ux = jx[None, :] * r[:, 1:] / s_in_x
     gy = (2 * uy / h - 1)[:, :, None].expand(n, oh, ow)  # align_corners=False normalisation
@@ -89,7 +91,7 @@ def bridge_sizes(student: Sequence[Level], teacher: Sequence[LevelSize]) -> List
 
 
 def resample_levels(levels: Sequence[Level], sizes: Sequence[Optional[Size]], lr_canvas: Size, hr_canvas: Size,
-                    lr_sizes: Sequence[Size], hr_sizes: Sequence[Size]) -> List[Tensor]:
+                    lr_sizes: Sequence[Size], hr_sizes: Sequence[Size], origin: Size = (0, 0)) -> List[Tensor]:
     """Each LR level resampled onto the HR canvas at its size (``None``: the LR level's scale, rounded up).
 
     The result never is a recorded tensor itself: an in-place op downstream would rewrite it (and a tensor
@@ -101,7 +103,7 @@ def resample_levels(levels: Sequence[Level], sizes: Sequence[Optional[Size]], lr
         if size is None:
             s_lr = lr_canvas[0] / t.shape[-2], lr_canvas[1] / t.shape[-1]
             size = (math.ceil(hr_canvas[0] / s_lr[0] - 1e-6), math.ceil(hr_canvas[1] / s_lr[1] - 1e-6))
-        r = resample_to_hr(t, lr_canvas, hr_canvas, size, lr_sizes, hr_sizes)
+        r = resample_to_hr(t, lr_canvas, hr_canvas, size, lr_sizes, hr_sizes, origin)
         out.append(r.clone() if r is t else r)
     return out
 

@@ -27,6 +27,8 @@ from .align import bridge_sizes, resample_levels, upsample_to_teacher
 from .balance import auto_alpha_from_state_dict, check_balance, step_alphas
 from .context import DistillContext
 from .copies import check_has_teachers, without_teachers
+from .crop import BridgeCrop, check_crop
+from .crop import geometry as crop_geometry
 from .errors import InputError
 from .inherit import InheritReport, inherit_weights
 from .levels import LevelMap, LevelPair, normalize_level_map, pair_levels, warn_unpaired
@@ -36,6 +38,7 @@ from .losses import loss_name as canonical_loss_name
 from .projectors import Projectors, check_late_creation
 from .ranks import check_teachers_across_ranks
 from .recording import Feats
+from .schedule import DistillSchedule, skipped_step
 from .teacher_losses import LossSpec, build_teacher_losses, loss_key
 from .validate import who as _who
 
@@ -90,6 +93,14 @@ class BridgeDistiller(nn.Module):
         hr_det_weight: weight of the bridge's detection loss ``L_det(HR)`` (1.0, the paper's objective).
             0 keeps the bridge pass, whose neck output is still distilled, but trains nothing with HR
             boxes: with ``alpha=0`` instead, the two terms of the bridge can be ablated one at a time.
+        distill_every: run the teacher and the bridge on every k-th training call only (1, the default: every
+            call); the others are plain LR steps with the same loss keys (zeros). The counter is the buffer
+            ``schedule.step`` in ``state_dict()``; ``materialize()`` does not advance it. See
+            :mod:`lrdet_core.schedule` and ``docs/cost.md``.
+        bridge_crop: the area fraction of the HR canvas the teacher and the bridge run on, a random window per
+            step aligned to the coarsest stride (1.0, the default: all of it); the distillation loss is
+            computed on its interior. Custom and torchvision models. See :mod:`lrdet_core.crop`.
+        crop_margin: the margin between the window and its interior, in cells of the coarsest level (default 1).
 
     Loss keys (training): ``"lr/<k>"`` the student's own losses, ``"bridge/<k>"`` the bridge's,
     ``"distill/<loss>"`` = ``alpha * L_FD``. With several teachers: ``"bridge.<name>/<k>"`` and
@@ -115,7 +126,7 @@ class BridgeDistiller(nn.Module):
                  hr_source: str = "teacher", hr_scale: Optional[float] = None, bridge_rois: Optional[int] = None,
                  check_finite: str = "raise", loss_kwargs: Optional[Mapping[str, Any]] = None,
                  alpha_ratio: Optional[float] = None, level_map: Optional[LevelMap] = None,
-                 hr_det_weight: float = 1.0):
+                 hr_det_weight: float = 1.0, distill_every: int = 1, bridge_crop: float = 1.0, crop_margin: int = 1):
         super().__init__()
         teachers = validate.as_teacher_dict(teacher)
         validate.check_options(student, teachers, hr_source=hr_source, check_finite=check_finite, alpha=alpha,
@@ -135,6 +146,8 @@ class BridgeDistiller(nn.Module):
         validate.check_hr_scale(hr_scale, self.adapter.builds_hr_view)
         self.bridge, self.hr_source, self.hr_scale = bridge, hr_source, hr_scale
         self.hr_det_weight, self.bridge_rois, self.check_finite = float(hr_det_weight), bridge_rois, check_finite
+        self.schedule = DistillSchedule(distill_every)  # cost options: docs/cost.md
+        self.crop = BridgeCrop(*check_crop(bridge_crop, crop_margin, bridge, family_of(student)))
         if self.adapter.builds_hr_view and hr_source == "teacher":
             validate.warn_if_not_lower_resolution(student, teachers, {n: _who(n) for n in teachers})
 
@@ -256,6 +269,8 @@ class BridgeDistiller(nn.Module):
                 self._warned_eval = True
                 validate.warn_targets_in_eval()
             return self.adapter.predict(images)
+        if not self.schedule.tick():
+            return self._lr_step(images, targets, hr_images, hr_targets)
         return self._step(images, targets, hr_images, hr_targets, training_step=True)
 
     def _step(self, images: Any, targets: Any, hr_images: Any, hr_targets: Any, training_step: bool
@@ -271,12 +286,13 @@ class BridgeDistiller(nn.Module):
             self._teachers_compared = check_teachers_across_ranks(self._teachers)
         for t in self._teachers.values():
             t.eval()
-        lr = self.adapter.student_pass(images, targets, keep_neck=not self.bridge)
+        lr = self.adapter.student_pass(images, targets, keep_neck=not self.bridge or self.crop.active)
         out = {f"lr/{k}": v for k, v in lr.losses.items()}
         distill: Dict[str, Tensor] = {}  # unweighted L_FD per teacher; alpha is applied once all are known
         for tname, ad in self.teacher_adapters.items():
-            hr = ad.teacher_pass(ad.hr_view(images, targets, hr_images, hr_targets, lr, hr_source=self.hr_source,
-                                            hr_scale=self.hr_scale))
+            hr = self.crop.teacher_pass(tname, ad, ad.hr_view(images, targets, hr_images, hr_targets, lr,
+                                                              hr_source=self.hr_source, hr_scale=self.hr_scale),
+                                        self.adapter, lr)
             if lr.backbone.batch != hr.neck.batch:
                 raise InputError(f"expected the HR view to hold the same {lr.backbone.batch} images as the LR batch, "
                                  f"but the {ad.role} saw {hr.neck.batch}")
@@ -301,6 +317,19 @@ class BridgeDistiller(nn.Module):
             check_balance(out, self.alpha)
         return out
 
+    def _lr_step(self, images: Any, targets: Any, hr_images: Any, hr_targets: Any) -> Dict[str, Tensor]:
+        """A step that does not distil (``distill_every``): the LR pass alone, with every key of a distilling step."""
+        images, targets = self.adapter.as_batch(images, targets, "images")
+        if hr_images is not None:
+            hr_images, hr_targets = self.adapter.as_batch(hr_images, hr_targets, "hr_images")
+        self._check_batch(images, targets, hr_images, hr_targets)
+        lr = self.adapter.student_pass(images, targets, keep_neck=False)
+        prefixes = [_key("bridge", n, "").rstrip("/") if self.bridge else None for n in self._teachers]
+        out = skipped_step(lr.losses, list(zip(prefixes, self._dkeys.values())),
+                           [*self.projectors.parameters(), *self.losses.parameters()])
+        validate.check_terms_finite(out, set(self._dkeys.values()), self.check_finite)
+        return out
+
     def _check_batch(self, images: Any, targets: Any, hr_images: Any, hr_targets: Any) -> None:
         validate.check_batch(self.adapter, images, targets, hr_images, hr_targets, self.hr_scale)
         if hr_images is not None and self.hr_scale is not None and not self._reported_hr_scale:
@@ -311,7 +340,9 @@ class BridgeDistiller(nn.Module):
         """The bridge's backbone: the student's recorded levels at the sizes of the teacher's backbone levels."""
         levels = self.adapter.levels("backbone", lr.backbone, lr.canvas)
         sizes = bridge_sizes(levels, hr.backbone_levels)
-        return lambda hw: lr.backbone.replaced(resample_levels(levels, sizes, lr.canvas, hw, lr.sizes, hr.sizes))
+        hr_sizes, origin = crop_geometry(hr)  # with bridge_crop: the full HR sizes and the window's origin
+        return lambda hw: lr.backbone.replaced(resample_levels(levels, sizes, lr.canvas, hw, lr.sizes, hr_sizes,
+                                                               origin))
 
     def _match(self, tname: str, s_feats: Feats, t_feats: Feats, canvas: Any) -> List[LevelPair]:
         """Pair student and teacher levels: by stride, by name or order where strides collide, or by level_map."""
@@ -347,6 +378,8 @@ class BridgeDistiller(nn.Module):
             self._ensure(tname, [p._replace(teacher=p.teacher.to(p.student.device)) for p in pairs], late=False)
 
     def _distill(self, tname: str, s_feats: Feats, hr: PassRecord, late: bool) -> Tensor:
+        s_feats, hr, scale = self.crop.interior(self.adapter, self.teacher_adapters[tname], s_feats, hr,
+                                                self.losses[tname])
         pairs = self._match(tname, s_feats, hr.neck, hr.canvas)
         self._ensure(tname, pairs, late)
         student, teacher = self.projectors.project(tname, pairs), [p.teacher for p in pairs]
@@ -358,4 +391,4 @@ class BridgeDistiller(nn.Module):
         value = loss(student, teacher, ctx)
         validate.check_distill_value(value, self._dkeys[tname], self.check_finite,
                                      lambda: validate.nonfinite_levels(loss, student, teacher, ctx))
-        return value
+        return value if scale == 1.0 else value * scale

@@ -19,6 +19,7 @@ from lrdet_core import BridgeDistiller, LRDetError, SplitPoints  # noqa: E402
 
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 STEPS, BATCH, LR = 2, 4, 0.1
+EVERY, EVERY_STEPS = 2, 3  # the distill_every run: steps 0 and 2 distil, step 1 does not
 LOSSES = ("fgd", "mse", "l1", "cwd")
 
 
@@ -93,6 +94,23 @@ def main(out_dir: str) -> None:
             opt.step()
         run["params"] = {n: p.detach().clone() for n, p in d.named_parameters()}
         run["teachers_compared"] = d._teachers_compared
+
+    # distill_every=2 (steps 0 and 2 distil, step 1 is a plain LR step): without find_unused_parameters, the
+    # distillation-only parameters (projectors, FGD's GcBlocks) still get (zero) gradients at the skipped step.
+    d = make_distiller("fgd", distill_every=EVERY).train()
+    ddp = DDP(d)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    run = result["every"] = {"grads": [], "missing": [], "counter": [], "keys": []}
+    for s in range(EVERY_STEPS):
+        opt.zero_grad(set_to_none=True)
+        images, targets, hr, hr_targets = part(tiny_batch(s), slice(rank * per, (rank + 1) * per))
+        out = ddp(images, targets, hr_images=hr, hr_targets=hr_targets)
+        sum(out.values()).backward()
+        run["keys"].append(list(out))
+        run["counter"].append(int(d.schedule.step))
+        run["missing"].append([n for n, p in d.named_parameters() if p.grad is None])
+        run["grads"].append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+        opt.step()
 
     # SyncBatchNorm in a real process group (BatchNorm student this time).
     torch.manual_seed(0)

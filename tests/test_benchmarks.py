@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_losses  # noqa: E402
+import bench_step  # noqa: E402
 
 
 def test_bench_losses_quick(tmp_path):
@@ -132,7 +133,7 @@ def test_bench_step_tiny_keeps_going_after_a_failure(tmp_path):
     dest = tmp_path / "step.json"
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--models", "retinanet", "fcos",
                           "--raw", "128", "--lr-size", "64", "--hr-size", "128", "--channels", "16", "--repeats", "1",
-                          "--warmup", "0", "--threads", "1", "--out", str(dest)],
+                          "--warmup", "0", "--threads", "1", "--no-cost", "--out", str(dest)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "3 run(s) failed" in out.stderr
     report = json.loads(dest.read_text())
@@ -142,6 +143,43 @@ def test_bench_step_tiny_keeps_going_after_a_failure(tmp_path):
     assert "fcos" not in report["results"] and len(report["failures"]) == 3
     md = (tmp_path / "step.md").read_text()
     assert "LRDet / sum of parts" in md and "peak MiB LR / HR / LRDet" in md and "FAILED fcos lr" in md
+
+
+@pytest.mark.slow
+def test_bench_step_quick_cost_table(tmp_path):
+    dest = tmp_path / "quick.json"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out", str(dest)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(dest.read_text())
+    assert report["meta"]["config"]["quick"] and set(report["results"]["retinanet"]) == {"lr", "hr", "lrdet"}
+    cost = report["cost"]["retinanet"]
+    arms = cost["arms"]
+    assert list(arms) == list(bench_step.ARMS) and cost["cycle"] == 4 and cost["batch"] == 1
+    assert cost["sizes"] == {"raw": 256, "lr": 128, "hr": 256}
+    for name, r in arms.items():
+        assert r["options"] == bench_step.ARMS[name] and len(r["step_s"]) == 1 and r["step_s"][0] > 0
+        # the ratios are to the LR and the HR step of the same repeat
+        assert r["x_lr"] == [r["step_s"][0] / arms["lr"]["step_s"][0]]
+        assert r["x_hr"] == [r["step_s"][0] / arms["hr"]["step_s"][0]]
+    md = (tmp_path / "quick.md").read_text()
+    assert md.count("| retinanet (LR 128 / HR 256 px, batch 1) |") == len(arms)
+    assert "distill_every=2, bridge_crop=0.25" in md
+    # a quick run without --out writes outside the tracked results
+    assert Path(bench_step.QUICK["out"]).parent == ROOT / "runs" and "/runs/" in (ROOT / ".gitignore").read_text()
+
+
+def test_cost_table_ratios_and_rotation():
+    names = list(bench_step.ARMS)
+    orders = [bench_step.rotated(names, r) for r in range(len(names))]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    for n in names:  # over as many repeats as arms, every arm takes every position once
+        assert sorted(o.index(n) for o in orders) == list(range(len(names)))
+    rows = {"lr": {"step_s": [1.0, 2.0, 4.0]}, "hr": {"step_s": [4.0, 4.0, 8.0]}, "every2": {"step_s": [2.0, 3.0, 6.0]}}
+    bench_step.add_ratios(rows)
+    assert rows["every2"]["x_lr"] == [2.0, 1.5, 1.5] and rows["every2"]["x_hr"] == [0.5, 0.75, 0.75]
+    assert rows["lr"]["x_lr"] == [1.0] * 3 and rows["hr"]["x_lr"] == [4.0, 2.0, 2.0]
+    assert bench_step.spread(rows["every2"]["x_lr"]) == "1.50 (1.50-2.00)"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")

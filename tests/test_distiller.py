@@ -111,7 +111,8 @@ def test_distiller_aligns_with_each_images_own_sizes(monkeypatch, multiscale):
         d(images, targets)
         h1.remove(), h2.remove()
         assert calls, "the bridge did not resample"
-        for feat, lr_canvas, hr_canvas, out_hw, lr_s, hr_s in calls:
+        for feat, lr_canvas, hr_canvas, out_hw, lr_s, hr_s, origin in calls:
+            assert origin == (0, 0)  # no bridge_crop
             assert [tuple(s) for s in lr_s] == [tuple(s) for s in tv["lr"]]
             assert [tuple(s) for s in hr_s] == [tuple(s) for s in tv["hr"]]
         lr_sizes.append(tuple(tv["lr"][0]))

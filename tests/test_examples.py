@@ -79,6 +79,13 @@ def test_reproduce_deepforest_quick(deepforest_data, tmp_path):
         assert all(math.isfinite(v) for entry in log for v in entry.values())
     for suffix in (".md", "_ap.png", "_features.png", "_detections.png"):
         assert (tmp_path / f"deepforest_quick{suffix}").is_file()
+    # the cost figure on this output, with costs in bench_step's format
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"meta": {"commit": "x", "device": "cpu", "threads": 1}, "cost": {"deepforest": {
+        "cycle": 4, "arms": {"lr": {"x_lr": [1.0]}, "upsample": {"x_lr": [1.2]}, "lrdet": {"x_lr": [1.8]}}}}}))
+    _run("plot_cost.py", "--results", str(tmp_path / "deepforest_quick.json"), "--bench", str(bench))
+    assert (tmp_path / "deepforest_quick_cost.png").is_file()
+    assert (tmp_path / "deepforest_quick_cost.md").read_text().count("| 1 |") == 3  # 3 arms, 1 seed each
 
     # --jobs trains the runs in worker processes; every run seeds itself, so the numbers must not move
     par = tmp_path / "jobs2"

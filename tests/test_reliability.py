@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from _ddp_worker import BATCH, LOSSES, LR, STEPS, TINY_SPLIT, gn_tiny, make_distiller, part, step, tiny_batch
+from _ddp_worker import (BATCH, EVERY, EVERY_STEPS, LOSSES, LR, STEPS, TINY_SPLIT, gn_tiny, make_distiller, part, step,
+                         tiny_batch)
 from lrdet_core import BridgeDistiller, InputError, LRDetError, NonFiniteError
 from tiny import TinyDetector, batch, faster_rcnn, fcos, retinanet, seeded
 
@@ -101,6 +102,32 @@ def test_ddp_without_find_unused_parameters_equals_the_average_of_per_half_steps
     for n, p in d.named_parameters():
         torch.testing.assert_close(r0["params"][n], p.detach(), rtol=1e-5, atol=1e-7, msg=n)
         torch.testing.assert_close(r1["params"][n], p.detach(), rtol=0, atol=0, msg=n)
+
+
+def test_ddp_distill_every_skipped_steps_need_no_find_unused_parameters(ddp_ranks):
+    r0, r1 = (r["every"] for r in ddp_ranks)
+    assert r0["missing"] == r1["missing"] == [[]] * EVERY_STEPS  # no unused-parameter error, every grad present
+    assert r0["counter"] == r1["counter"] == list(range(1, EVERY_STEPS + 1))
+    assert r0["keys"][0] == r0["keys"][1] == r1["keys"][1]
+    # The same as one process averaging the two halves of each batch, the counter put back between the halves.
+    d = make_distiller("fgd", distill_every=EVERY).train()
+    opt = torch.optim.SGD(d.parameters(), lr=LR)
+    for s in range(EVERY_STEPS):
+        acc, counter = {}, copy.deepcopy(d.schedule.state_dict())
+        for r in range(2):
+            d.schedule.load_state_dict(counter)
+            opt.zero_grad(set_to_none=True)
+            images, targets, hr, hr_targets = part(tiny_batch(s), slice(r * BATCH // 2, (r + 1) * BATCH // 2))
+            sum(d(images, targets, hr_images=hr, hr_targets=hr_targets).values()).backward()
+            for n, p in d.named_parameters():
+                acc[n] = acc.get(n, 0) + p.grad / 2
+        for n, p in d.named_parameters():
+            p.grad = acc[n]
+            torch.testing.assert_close(r0["grads"][s][n], r1["grads"][s][n], rtol=0, atol=0, msg=n)
+            torch.testing.assert_close(r0["grads"][s][n], acc[n], rtol=1e-4, atol=1e-8, msg=n)
+            if s % EVERY and (n.startswith("projectors.") or n.startswith("losses.")):
+                assert torch.count_nonzero(r0["grads"][s][n]) == 0, n  # a skipped step: zero, but present
+        opt.step()
 
 
 def test_per_half_average_against_the_whole_batch():

@@ -198,3 +198,64 @@ def test_result_markdown_reports_the_runs_summed_training_time_not_a_resumed_wal
              "timings_s": {"hr_teacher": 600.0, "lrdet/0": 1000.0, "inherit/0": 800.0}}
     head = rd.markdown(fresh, results["summary"]).splitlines()[3]
     assert "training time 30.0 min summed over the runs" in head and "wall time 25.0 min" in head
+
+
+def test_cheap_presets_are_lrdet_with_the_cost_options(rd, monkeypatch):
+    methods = rd.PRESETS["powered_sgd"]["methods"]
+    # the finished runs keep their methods and order; the cheap presets come after them
+    assert methods == ["lr_baseline", "fitnet_up", "bridge", "inherit", "lrdet", "lrdet_auto", "lrdet_every2",
+                       "lrdet_every4", "lrdet_crop25", "lrdet_every2_crop25"]
+    for m in methods[6:]:
+        assert m in rd.ALL_METHODS and m in rd.LABELS
+        assert ("lrdet", m) in rd.CONTRASTS and (m, "inherit") in rd.CONTRASTS
+    import lrdet_core
+
+    class Built(Exception):
+        pass
+
+    def fake(student, teacher, **kw):
+        raise Built(kw)
+    monkeypatch.setattr(lrdet_core, "BridgeDistiller", fake)
+    cfg = dict(rd.PRESETS["powered_sgd"])
+    want = {"lrdet": {}, "lrdet_every2": {"distill_every": 2}, "lrdet_every4": {"distill_every": 4},
+            "lrdet_crop25": {"bridge_crop": 0.25}, "lrdet_every2_crop25": {"distill_every": 2, "bridge_crop": 0.25}}
+    for method, options in want.items():
+        with pytest.raises(Built) as e:
+            rd.run_student(method, 0, cfg, None, None)
+        kw = e.value.args[0]
+        assert {k: kw[k] for k in ("distill_every", "bridge_crop") if k in kw} == options
+        assert kw["inherit"] and kw["bridge"] and kw["alpha"] == cfg["alpha"] and kw["loss"] == "mse"
+
+
+def _bench(models):
+    """A bench_step report with a cost table (the fields plot_cost reads)."""
+    arms = {"lr": [1.0, 1.0, 1.0], "upsample": [1.7, 1.8, 1.6], "lrdet": [3.9, 4.1, 4.0], "every2": [2.4, 2.6, 2.5]}
+    return {"meta": {"commit": "abc", "device": "cpu", "threads": 1},
+            "cost": {m: {"cycle": 4, "arms": {a: {"x_lr": x} for a, x in arms.items()}} for m in models}}
+
+
+def test_plot_cost_places_each_arm_at_its_cost_with_paired_standard_errors(tmp_path):
+    pc = load_example("plot_cost")
+    ap = {"lrdet": [0.30, 0.32, 0.31], "lrdet_every2": [0.29, 0.33, 0.30], "inherit": [0.28, 0.30, 0.29],
+          "hr_teacher": [0.5], "lrdet_l1": [0.2, 0.2, 0.2]}
+    results = {"config": {"iters": 1000, "preset": "test", "command": "x"},
+               "runs": {m: {str(s): {"val": {"AP": v}} for s, v in enumerate(vs)} for m, vs in ap.items()}}
+    pts = {p.method: p for p in pc.points(results, pc.step_costs(_bench(["retinanet", "deepforest"])))}
+    assert set(pts) == {"lrdet", "lrdet_every2", "inherit"}  # no cost arm: the teacher and the L1 loss
+    e2 = pts["lrdet_every2"]
+    assert (e2.x_lr, e2.cost, e2.n) == (2.5, 2500.0, 3) and pts["inherit"].cost == 1000.0
+    assert pts["lrdet"].cost == 4000.0 and pts["lrdet"].vs_lrdet is None
+    assert e2.ap == pytest.approx(0.92 / 3) and e2.se == pytest.approx(math.sqrt(13 / 3) / 100 / math.sqrt(3))
+    # paired: differences -0.01, +0.01, -0.01 on seeds 0, 1, 2
+    assert e2.vs_lrdet == pytest.approx(-0.01 / 3) and e2.vs_lrdet_se == pytest.approx(0.02 / 3)
+    # the deepforest costs are preferred; another model only when named or alone
+    assert pc.step_costs(_bench(["retinanet"]))["every2"] == 2.5
+    with pytest.raises(SystemExit, match="no cost table for model 'fcos'"):
+        pc.step_costs(_bench(["retinanet"]), "fcos")
+    res, bench = tmp_path / "r.json", tmp_path / "b.json"
+    res.write_text(json.dumps(results))
+    bench.write_text(json.dumps(_bench(["deepforest"])))
+    pc.main(["--results", str(res), "--bench", str(bench)])
+    assert (tmp_path / "r_cost.png").stat().st_size > 0
+    md = (tmp_path / "r_cost.md").read_text()
+    assert "| LRDet, every 2nd step | 2.50 | 2500 | 0.3067 ± 0.0120 | 3 | -0.0033 ± 0.0067 |" in md

@@ -65,6 +65,7 @@ class PassRecord:
         losses: the detector's training losses (student pass), else ``None``.
         state: what the family's adapter needs again in the bridge (torchvision: the ImageList; a generic
             model: its HR inputs). Opaque to the distiller.
+        window: where a teacher pass with ``bridge_crop`` ran (:class:`lrdet_core.crop.CropWindow`), else ``None``.
     """
 
     canvas: Tuple[int, int]
@@ -75,6 +76,7 @@ class PassRecord:
     neck: Optional[Feats] = None
     losses: Optional[Mapping[str, Tensor]] = None
     state: Any = None
+    window: Any = None
 
 
 @dataclass
@@ -146,7 +148,10 @@ class Adapter:
         raise NotImplementedError
 
     def teacher_pass(self, view: HRView) -> PassRecord:
-        """The frozen teacher on the HR view, under ``no_grad``, stopped right after its neck."""
+        """The frozen teacher on the HR view, under ``no_grad``, stopped right after its neck.
+
+        Families that support ``bridge_crop`` take ``crop=``: a :class:`lrdet_core.crop.Cropper` applied to the HR
+        canvas (the images as the backbone receives them) and its targets before the teacher runs."""
         raise NotImplementedError
 
     def bridge_pass(self, images: Any, targets: Targets, hr: PassRecord, replay: Replay,

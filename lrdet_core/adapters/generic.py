@@ -20,8 +20,9 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -110,8 +111,10 @@ class GenericAdapter(Adapter):
             hr_images, hr_targets = scaled_view(images, targets, hr_scale)
         return HRView(inputs=(hr_images,), targets=hr_targets)
 
-    def teacher_pass(self, view: HRView) -> PassRecord:
+    def teacher_pass(self, view: HRView, crop: Optional[Callable] = None) -> PassRecord:
         with frozen_run(self.model, self.backbone), Recorder() as rec:
+            if crop is not None:  # bridge_crop: the teacher (and later the bridge) sees a window of the HR canvas
+                view = self._cropped(rec, view, crop)
             rec.output_of(self.backbone, "backbone", self.where("backbone"), canvas=True)
             rec.output_of(self.neck, "neck", self.where("neck"), stop=True)
             self._record_family(rec)
@@ -129,6 +132,19 @@ class GenericAdapter(Adapter):
         return PassRecord(canvas=canvas, sizes=self._sizes(rec, canvas, neck.batch),
                           targets=self._targets(rec, view.targets), backbone_levels=levels, neck=neck,
                           state=self._state(rec, view.inputs))
+
+    def _cropped(self, rec: Recorder, view: HRView, crop: Callable) -> HRView:
+        """The HR view on the window ``crop`` draws: a custom model's HR images are its canvas."""
+        x = view.inputs[0]
+        if isinstance(x, Tensor) and x.dim() == 4:
+            cut, _, targets = crop(x, [tuple(x.shape[-2:])] * x.shape[0], view.targets)
+            return HRView(inputs=(cut,) + tuple(view.inputs[1:]), targets=targets)
+        if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) and t.shape == x[0].shape for t in x):
+            cut, _, targets = crop(torch.stack(list(x)), [tuple(x[0].shape[-2:])] * len(x), view.targets)
+            return HRView(inputs=(list(cut),) + tuple(view.inputs[1:]), targets=targets)
+        got = type(x).__name__ if not isinstance(x, (list, tuple)) else [tuple(t.shape) for t in x]
+        raise InputError(f"bridge_crop needs the {self.role}'s HR images as an N x C x H x W tensor or a list of "
+                         f"images of one size, but got {got}")
 
     def bridge_pass(self, images: Any, targets: Targets, hr: PassRecord, replay: Replay,
                     rois: Optional[int] = None) -> Tuple[Mapping[str, Tensor], Feats]:

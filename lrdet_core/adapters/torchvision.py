@@ -7,7 +7,7 @@ replays the teacher's in place of the student's.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,16 @@ class TorchvisionAdapter(GenericAdapter):
         lr_raw = [F.interpolate(img[None], size=s, mode="bilinear", align_corners=False)[0]
                   for img, s in zip(images, lr.sizes)]
         return HRView(inputs=(lr_raw, copy_targets(lr.targets)))
+
+    def _cropped(self, rec: Recorder, view: HRView, crop: Callable) -> HRView:
+        # The window is cut from the transform's output, the canvas the backbone sees: the teacher's own
+        # transform runs first, then a stand-in hands its cropped result to the model (and to the recorder).
+        image_list, targets = self.model.transform(*view.inputs)
+        cut, sizes, targets = crop(image_list.tensors, [tuple(int(v) for v in s) for s in image_list.image_sizes],
+                                   targets)
+        cropped = type(image_list)(cut, sizes)
+        rec.swap(self.model, "transform", lambda *a, **k: (cropped, copy_targets(targets)))
+        return view
 
     def _run_bridge(self, rec: Recorder, images: Any, targets: Targets, hr: PassRecord,
                     rois: Optional[int]) -> Mapping[str, Tensor]:
