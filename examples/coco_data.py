@@ -256,9 +256,12 @@ def decode_mask(segmentation: Any, height: int, width: int) -> Tensor:
 
 def read_image(file: Path) -> Tensor:
     """An image file as float ``(3, H, W)`` in ``[0, 1]`` (grey and RGBA images become RGB)."""
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
-    return decode_image(str(file), mode=ImageReadMode.RGB).float().div_(255)
+    with Image.open(file) as im:
+        rgb = im.convert("RGB")
+    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
+    return pixels.permute(2, 0, 1).float().div_(255)
 
 
 class CocoDataset(torch.utils.data.Dataset):

@@ -75,7 +75,8 @@ def _polygon(kind: int, cx: float, cy: float, a: float, b: float, angle: float) 
 
 
 def shapes_image(g: torch.Generator, size: int, category_ids: Sequence[int], max_shapes: int = 4) -> Dict:
-    """One image with 0..max_shapes shapes; ``category_ids[0]`` for rectangles, ``[1]`` for ellipses."""
+    """One image with 0..max_shapes shapes (``max_shapes=0``: none); ``category_ids[0]`` for rectangles, ``[1]``
+    for ellipses."""
     from pycocotools import mask as mask_util
 
     rnd = lambda lo, hi: float(lo + (hi - lo) * torch.rand((), generator=g))  # noqa: E731
@@ -101,13 +102,16 @@ def shapes_image(g: torch.Generator, size: int, category_ids: Sequence[int], max
 
 
 def write_shapes(out: Path, train: int = 8, val: int = 4, size: int = 128, category_ids: Sequence[int] = (1, 2),
-                 seed: int = 0) -> Dict[str, Path]:
-    """A generated dataset (see the module docstring); returns the paths of the two jsons."""
+                 seed: int = 0, empty: int = 0) -> Dict[str, Path]:
+    """A generated dataset (see the module docstring); the first ``empty`` training images have no shapes.
+    Returns the paths of the two jsons."""
     g = torch.Generator().manual_seed(seed)
     cats = [{"id": int(category_ids[0]), "name": "rectangle"}, {"id": int(category_ids[1]), "name": "ellipse"}]
     paths = {}
     for name, n in (("train", train), ("val", val)):
-        paths[name] = write_split(Path(out), name, [shapes_image(g, size, category_ids) for _ in range(n)], cats)
+        items = [shapes_image(g, size, category_ids, max_shapes=0 if name == "train" and i < empty else 4)
+                 for i in range(n)]
+        paths[name] = write_split(Path(out), name, items, cats)
     return paths
 
 

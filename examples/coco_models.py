@@ -112,23 +112,28 @@ def anchors(arch: Arch, strides: Sequence[int]):
     return AnchorGenerator(tuple(scaled(s) for s in sizes), (ratios,) * len(sizes))
 
 
-def build(arch: Arch, min_size: Union[int, Sequence[int]], max_size: int) -> nn.Module:
+def build(arch: Arch, min_size: Union[int, Sequence[int]], max_size: int,
+          score_thresh: Optional[float] = None) -> nn.Module:
     """A torchvision detector, randomly initialised, whose transform resizes to ``min_size``/``max_size``.
 
-    ``min_size`` may be several sizes (one drawn per training batch, the last at evaluation), as in torchvision.
+    ``min_size`` may be several sizes (one drawn per training image, the last at evaluation), as in torchvision.
+    ``score_thresh``: the lowest score a prediction is kept with (None: torchvision's 0.05).
     """
     from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
     if arch.detector not in DETECTORS:
         raise InputError(f"expected detector in {DETECTORS}, but got {arch.detector!r}")
     bb, strides = backbone(arch)
-    sizes = dict(min_size=tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size, max_size=max_size)
+    kw = dict(min_size=tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size, max_size=max_size)
     if arch.detector == "retinanet":
-        return RetinaNet(bb, arch.num_classes, anchor_generator=anchors(arch, strides), **sizes)
+        kw.update({} if score_thresh is None else {"score_thresh": score_thresh})
+        return RetinaNet(bb, arch.num_classes, anchor_generator=anchors(arch, strides), **kw)
     if arch.detector == "fcos":
-        return FCOS(bb, arch.num_classes, anchor_generator=anchors(arch, strides), **sizes)
+        kw.update({} if score_thresh is None else {"score_thresh": score_thresh})
+        return FCOS(bb, arch.num_classes, anchor_generator=anchors(arch, strides), **kw)
+    kw.update({} if score_thresh is None else {"box_score_thresh": score_thresh})
     cls = MaskRCNN if arch.detector == "maskrcnn" else FasterRCNN
-    return cls(bb, arch.num_classes, rpn_anchor_generator=anchors(arch, strides), **sizes)
+    return cls(bb, arch.num_classes, rpn_anchor_generator=anchors(arch, strides), **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,8 +191,6 @@ def load_detector_state(model: nn.Module, sd: Dict[str, Tensor], path: Path, rol
     shapes = [f"{k}: {tuple(sd[k].shape)} in the file, {tuple(v.shape)} here" for k, v in own.items()
               if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
-        from coco_data import _some
-
         raise InputError(
             f"the {role} checkpoint {path} does not fit a {arch.detector} on {arch.backbone} with norm {arch.norm} "
             f"and {arch.num_classes} classes (with the background): {len(missing)} tensors missing "

@@ -65,6 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     m.add_argument("--backbone", choices=models.BACKBONES, default="resnet50")
     m.add_argument("--norm", choices=models.NORMS, default="bn", help="backbone normalisation (coco_models.py)")
     m.add_argument("--anchor-scale", type=float, default=1.0, help="anchor sizes times this")
+    m.add_argument("--score-thresh", type=float, default=0.05, help="lowest score of a kept prediction (evaluation)")
     m.add_argument("--weights", type=Path, help="initial weights: a detector or a classification backbone state "
                    "dict (else from scratch); with --eval-only, the model to evaluate")
     m.add_argument("--hr-size", type=int, nargs="+", default=[800], help="HR min_size (several: multi-scale)")
@@ -140,7 +141,7 @@ def _sizes(args, hr: bool):
 def build_model(args, arch: models.Arch, log) -> tuple:
     """The module to train (a detector, or the distiller around the student) and the detector to evaluate
     and export."""
-    model = models.build(arch, *_sizes(args, hr=args.mode == "teacher"))
+    model = models.build(arch, *_sizes(args, hr=args.mode == "teacher"), score_thresh=args.score_thresh)
     if args.weights is not None:
         log.info("weights: %s", models.load_weights(model, args.weights, arch))
     if args.mode != "lrdet" or args.eval_only:
@@ -314,6 +315,8 @@ def run(args, rt: runtime.Runtime) -> Optional[Dict]:
     log.info("%s: %s on %s (%s), %d steps per epoch, %d images per step", args.mode, args.detector, args.backbone,
              args.norm, len(loader), args.batch_size * rt.world)
 
+    if not args.resume:  # each process its own random stream (R-CNN sampling, multi-scale sizes); resumed: restored
+        torch.manual_seed(args.seed + 1 + rt.rank)
     step_fn = make_step(ddp, opt, sched, params, scaler, autocast, args, rt)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
