@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -56,17 +56,19 @@ def _rles(masks: torch.Tensor) -> List[Dict]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: CocoDataset, indices: List[int], device: torch.device, batch_size: int,
-            autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> List[Dict]:
-    """COCO result entries for the images ``indices`` of ``data`` (this process's share)."""
+def predict(model: nn.Module, data: CocoDataset, indices: List[int], device: torch.device,
+            batch_size: int) -> List[Dict]:
+    """COCO result entries for the images ``indices`` of ``data`` (this process's share).
+
+    In float32 even where training uses autocast: torchvision decodes boxes in the head's dtype, and bf16
+    keeps 8 significant bits (a box edge near x = 1000 would move in steps of 4 pixels)."""
     was = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(indices), batch_size):
             chunk = indices[i:i + batch_size]
-            with autocast():
-                outputs = model([data.image(j).to(device) for j in chunk])
+            outputs = model([data.image(j).to(device) for j in chunk])
             out += detections(data.split, [data.split.images[j].id for j in chunk], outputs)
     finally:
         model.train(was)
@@ -111,13 +113,11 @@ def summarize(split: CocoSplit, dets: List[Dict], iou_types=("bbox",)) -> Dict[s
     return metrics
 
 
-def evaluate(model: nn.Module, data: CocoDataset, rt: "runtime.Runtime", batch_size: int,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> Optional[Dict[str, Any]]:
+def evaluate(model: nn.Module, data: CocoDataset, rt: "runtime.Runtime", batch_size: int) -> Optional[Dict[str, Any]]:
     """Box (and, for Mask R-CNN, mask) AP of ``model`` on ``data``; every process predicts every
     ``world``-th image, rank 0 gathers and scores. Returns the metrics on rank 0, None elsewhere."""
     mine = list(range(rt.rank, len(data), rt.world))
-    dets = [d for part in runtime.gather(predict(model, data, mine, rt.device, batch_size, autocast), rt)
-            for d in part]
+    dets = [d for part in runtime.gather(predict(model, data, mine, rt.device, batch_size), rt) for d in part]
     if not rt.is_main:
         return None
     return summarize(data.split, dets, ("bbox", "segm") if data.split.masks else ("bbox",))

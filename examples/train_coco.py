@@ -286,7 +286,7 @@ def run(args, rt: runtime.Runtime) -> Optional[Dict]:
                "categories": [c._asdict() for c in train_split.categories], "versions": harness.versions()}
 
     if args.eval_only:
-        metrics = coco_eval.evaluate(detector, val_set, rt, args.batch_size, autocast)
+        metrics = coco_eval.evaluate(detector, val_set, rt, args.batch_size)
         if rt.is_main:
             log.info("val: %s", json.dumps(metrics))
             harness.write_json(args.out / "metrics.json", {**summary, "val": metrics, "time_s": time.time() - t0})
@@ -325,10 +325,10 @@ def run(args, rt: runtime.Runtime) -> Optional[Dict]:
         step = train_epoch(step_fn, loader, epoch, history, step, args, rt)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-                metrics = coco_eval.evaluate(detector, val_set, rt, args.batch_size, autocast)
+                metrics = coco_eval.evaluate(detector, val_set, rt, args.batch_size)
             if rt.is_main:
                 history["eval"].append({"epoch": epoch + 1, "step": step, **metrics})
-                log.info("epoch %d: loss %.4f, val AP %.4f", epoch + 1, history["log"][-1]["loss"], metrics["AP"])
+                log.info("epoch %d: val AP %.4f", epoch + 1, metrics["AP"])
         checkpoint.save(args.out, epoch + 1, step, module, opt, sched, scaler, history, config, rt,
                         keep=args.keep_checkpoints)
         if rt.is_main:

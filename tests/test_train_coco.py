@@ -386,3 +386,15 @@ def test_weights_of_a_classification_backbone_load_into_the_body(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(InputError, match="expected --weights .* to be a detector state dict"):
         models.load_weights(model, tmp_path / "other.pth", arch)
+
+
+def test_amp_is_for_cuda_only():
+    args = train_coco.parse_args(["--mode", "baseline", *_data_args(Path("d")), "--amp", "auto"])
+    ctx, fp16 = train_coco.autocast_for(args, torch.device("cpu"))
+    assert not fp16 and isinstance(ctx(), type(train_coco.contextlib.nullcontext()))
+    args.amp = "bf16"
+    with pytest.raises(InputError, match="expected --amp off on cpu"):
+        train_coco.autocast_for(args, torch.device("cpu"))
+    args.amp = "fp16"  # the context for CUDA, built without running anything
+    ctx, fp16 = train_coco.autocast_for(args, torch.device("cuda"))
+    assert fp16 and ctx.keywords == {"dtype": torch.float16}
