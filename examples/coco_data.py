@@ -4,21 +4,17 @@ What is read: ``images`` (``id``, ``file_name``, ``width``, ``height``), ``annot
 ``category_id``, ``bbox`` as ``[x, y, width, height]`` in pixels, optional ``iscrowd`` and ``segmentation``)
 and ``categories`` (``id``, ``name``). What each problem becomes:
 
-==================================  ==================================================================
-category ids not contiguous         fine: label ``k`` is the ``k``-th category by id (1-based; 0 is the
-                                    background), and predictions are mapped back to the json's ids
-box partly outside its image        clipped to the image
-box wholly outside its image        dropped (nothing of it is left after clipping)
-box of zero width or height         dropped
-box of negative width or height     ``InputError`` (``bbox`` must be ``[x, y, width, height]``)
-``iscrowd: 1``                      left out of training; evaluation treats it as COCO does (ignored)
-image without annotations           kept, with empty targets (a negative example)
-missing image file                  ``InputError`` listing the missing files, before training starts
-image not of the json's size        ``InputError`` when it is read
-unknown ``category_id``/``image_id``  ``InputError``
-Mask R-CNN, annotation without      ``InputError``
-``segmentation``
-==================================  ==================================================================
+* category ids not contiguous: fine. Label ``k`` is the ``k``-th category by id (0 is the background), and
+  predictions are mapped back to the json's ids;
+* a box partly outside its image: clipped to it; wholly outside: dropped (nothing is left after clipping);
+* a box of zero width or height: dropped; of negative width or height: ``InputError`` (``bbox`` must be
+  ``[x, y, width, height]``);
+* ``iscrowd: 1``: left out of training; evaluation treats it as COCO does (an ignore region);
+* an image without annotations: kept, with empty targets (a negative example);
+* a missing image file: ``InputError`` listing the missing files, before training starts;
+* an image not of the json's size: ``InputError`` when it is read;
+* an unknown ``category_id`` or ``image_id``, duplicate ids: ``InputError``;
+* Mask R-CNN and an annotation without ``segmentation``: ``InputError``.
 
 Dropped and clipped boxes are counted in one warning per file, with the first annotation ids.
 
@@ -198,7 +194,8 @@ def read_coco(ann_file: Path, image_dir: Path, masks: bool = False) -> CocoSplit
                          f"{listed(missing)}. Check --*-images (file_name is relative to it) or remove those images "
                          f"from the json")
 
-    cleanup, boxes, labels, segs = Cleanup(), {i: [] for i in entries}, {i: [] for i in entries}, {i: [] for i in entries}
+    cleanup = Cleanup()
+    boxes, labels, segs = ({i: [] for i in entries} for _ in range(3))
     for ann in data["annotations"]:
         _need(ann, ("image_id", "category_id", "bbox"), "annotation", path)
         img = entries.get(int(ann["image_id"]))

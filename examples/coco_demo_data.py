@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
         paths = write_shapes(args.out, args.train, args.val, args.size, args.category_ids, args.seed)
     else:
         paths = write_deepforest(args.out, args.cache)
-    for name, path in paths.items():
+    for path in paths.values():
         js = json.loads(path.read_text())
         print(f"{path}: {len(js['images'])} images, {len(js['annotations'])} annotations")
     return paths

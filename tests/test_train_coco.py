@@ -64,7 +64,8 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(EXAMPLES / "train_coco.py"), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
-    assert res.returncode == 0, f"{' '.join(cmd)} exited with {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    assert res.returncode == 0, (f"{' '.join(cmd)} exited with {res.returncode}:\n{res.stdout[-3000:]}\n"
+                                 f"{res.stderr[-5000:]}")
     return res
 
 
