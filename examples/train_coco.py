@@ -49,10 +49,19 @@ from lrdet_core.warn import warn_user  # noqa: E402
 MODES = ("teacher", "lrdet", "baseline")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except the uninformative ones (None, and the flags' True/False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=MODES, required=True)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Help)
+    p.add_argument("--mode", choices=MODES, required=True, help="teacher: the HR detector; lrdet: the LR student, distilled from --teacher; "
+                   "baseline: the LR student alone")
     d = p.add_argument_group("data (COCO format; see coco_data.py for what is checked)")
     for split in ("train", "val"):
         d.add_argument(f"--{split}-json", type=Path, required=True, help=f"the {split} annotations")
@@ -61,17 +70,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     d.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
 
     m = p.add_argument_group("detector")
-    m.add_argument("--detector", choices=models.DETECTORS, default="retinanet")
-    m.add_argument("--backbone", choices=models.BACKBONES, default="resnet50")
+    m.add_argument("--detector", choices=models.DETECTORS, default="retinanet", help="torchvision detector")
+    m.add_argument("--backbone", choices=models.BACKBONES, default="resnet50", help="FPN backbone")
     m.add_argument("--norm", choices=models.NORMS, default="bn", help="backbone normalisation (coco_models.py)")
     m.add_argument("--anchor-scale", type=float, default=1.0, help="anchor sizes times this")
     m.add_argument("--score-thresh", type=float, default=0.05, help="lowest score of a kept prediction (evaluation)")
     m.add_argument("--weights", type=Path, help="initial weights: a detector or a classification backbone state "
                    "dict (else from scratch); with --eval-only, the model to evaluate")
     m.add_argument("--hr-size", type=int, nargs="+", default=[800], help="HR min_size (several: multi-scale)")
-    m.add_argument("--hr-max-size", type=int, default=1333)
+    m.add_argument("--hr-max-size", type=int, default=1333, help="HR max_size")
     m.add_argument("--lr-size", type=int, nargs="+", default=[600], help="LR min_size (several: multi-scale)")
-    m.add_argument("--lr-max-size", type=int, default=1000)
+    m.add_argument("--lr-max-size", type=int, default=1000, help="LR max_size")
 
     x = p.add_argument_group("LRDet (--mode lrdet)")
     x.add_argument("--teacher", type=Path, help="the HR teacher's state dict (teacher.pt of --mode teacher)")
@@ -94,22 +103,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     # build_model, once the library has them.
 
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--epochs", type=int, default=12, help="passes over the training set")
     t.add_argument("--batch-size", type=int, default=2, help="images per process and step")
     t.add_argument("--optim", choices=harness.OPTIMIZERS, default="adamw",
                    help="adamw: cosine decay; sgd (momentum 0.9): x0.1 at 2/3 and 8/9 of the steps")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     t.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (at most a fifth of the steps)")
     t.add_argument("--clip", type=float, default=10.0, help="gradient norm clip (0: off)")
     t.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="autocast on CUDA; auto: bf16 where supported (fp16 uses a GradScaler)")
-    t.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
+    t.add_argument("--seed", type=int, default=0, help="initial weights, data order, flips")
     t.add_argument("--threads", type=int, help="torch intra-op threads per process (default: torch's)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=Path("runs/train_coco"))
+    o.add_argument("--out", type=Path, default=Path("runs/train_coco"), help="output folder")
     o.add_argument("--log-every", type=int, default=20, help="steps per loss-log entry in metrics.json")
     o.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the last always)")
     o.add_argument("--keep-checkpoints", type=int, default=2, help="the last N epochs' checkpoints (0: all)")
