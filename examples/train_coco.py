@@ -60,8 +60,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Help)
-    p.add_argument("--mode", choices=MODES, required=True, help="teacher: the HR detector; lrdet: the LR student, distilled from --teacher; "
-                   "baseline: the LR student alone")
+    p.add_argument("--mode", choices=MODES, required=True,
+                   help="teacher: the HR detector; lrdet: the LR student, distilled from --teacher; baseline: the LR "
+                        "student alone")
     d = p.add_argument_group("data (COCO format; see coco_data.py for what is checked)")
     for split in ("train", "val"):
         d.add_argument(f"--{split}-json", type=Path, required=True, help=f"the {split} annotations")
