@@ -159,13 +159,14 @@ def _box(ann: Dict[str, Any], w: int, h: int, path: Path) -> Tuple[Optional[List
     return [x1, y1, x2, y2], "clipped" if (x1, y1, x2, y2) != (x, y, x + bw, y + bh) else "ok"
 
 
-def read_coco(ann_file: Path, image_dir: Path, masks: bool = False) -> CocoSplit:
+def read_coco(ann_file: Path, image_dir: Path, masks: bool = False, warn: bool = True) -> CocoSplit:
     """Read and check a COCO-format json; see the module docstring for what each problem becomes.
 
     Args:
         ann_file: the json.
         image_dir: the folder that ``file_name`` is relative to.
         masks: keep each annotation's ``segmentation`` (Mask R-CNN); an annotation without one is an error.
+        warn: warn about clipped and dropped boxes (training targets; a validation json is scored as it is).
 
     Raises:
         InputError: for a json that is not COCO-format, unknown ids, a negative box size, missing files.
@@ -226,7 +227,7 @@ def read_coco(ann_file: Path, image_dir: Path, masks: bool = False) -> CocoSplit
         e.segmentations = segs[i] if masks else []
         cleanup.empty_images += not len(boxes[i])
     msg = cleanup.message(path)
-    if msg:
+    if msg and warn:
         warn_user(msg)
     return CocoSplit(path, list(entries.values()), categories, cleanup, data, masks)
 

@@ -275,7 +275,7 @@ def run(args, rt: runtime.Runtime) -> Optional[Dict]:
     t0 = time.time()
     masks = args.detector == "maskrcnn"
     train_split = coco_data.read_coco(args.train_json, args.train_images, masks=masks)
-    val_split = coco_data.read_coco(args.val_json, args.val_images, masks=masks)
+    val_split = coco_data.read_coco(args.val_json, args.val_images, masks=masks, warn=False)  # scored as it is
     coco_data.check_same_categories(train_split, val_split)
     train_set = coco_data.CocoDataset(train_split, hflip=args.hflip, seed=args.seed)
     val_set = coco_data.CocoDataset(val_split)
