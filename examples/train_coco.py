@@ -100,8 +100,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     x.add_argument("--hr-source", choices=("teacher", "lr"), default="teacher",
                    help="teacher: the HR view is the image at the teacher's size; lr: the LR image upsampled "
                         "(the paper's setting)")
-    # The cost options (distil on every k-th step, the bridge on a crop) go here, and into BridgeDistiller in
-    # build_model, once the library has them.
+    x.add_argument("--distill-every", type=int, default=1,
+                   help="run the teacher and the bridge on every k-th step only (1: every step; docs/cost.md)")
+    x.add_argument("--bridge-crop", type=float, default=1.0,
+                   help="run the teacher and the bridge on a random window of this area fraction (1: the whole "
+                        "image; docs/cost.md)")
 
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=12, help="passes over the training set")
@@ -165,6 +168,7 @@ def build_model(args, arch: models.Arch, log) -> tuple:
     distiller = BridgeDistiller(model, teacher, loss=args.loss, loss_kwargs=args.loss_kwargs,    # LRDet
                                 alpha=args.alpha, alpha_ratio=args.alpha_ratio, inherit=args.inherit,
                                 level_map=args.level_map, hr_source=args.hr_source,
+                                distill_every=args.distill_every, bridge_crop=args.bridge_crop,
                                 check_finite="warn" if args.amp == "fp16" else "raise")
     if distiller.inherit_report is not None:
         log.info("inherited from the teacher: %s", distiller.inherit_report)

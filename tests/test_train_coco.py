@@ -402,3 +402,21 @@ def test_amp_is_for_cuda_only():
     args.amp = "fp16"  # the context for CUDA, built without running anything
     ctx, fp16 = train_coco.autocast_for(args, torch.device("cuda"))
     assert fp16 and ctx.keywords == {"dtype": torch.float16}
+
+
+def test_the_cost_options_reach_the_distiller(shapes, teacher, tmp_path):
+    # 4 images at 2 per step: one epoch is steps 1 and 2; with --distill-every 2 step 2 is a plain LR step, whose
+    # bridge and distillation terms are zeros under the same keys.
+    out = tmp_path / "cheap"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_coco.main([*LRDET[:-1], "1", *_data_args(shapes), *SMALL, "--teacher", str(teacher), "--batch-size", "2",
+                         "--distill-every", "2", "--bridge-crop", "0.5", "--eval-every", "9", "--out", str(out)])
+    log = _metrics(out)["log"]
+    assert [e["step"] for e in log] == [1, 2]
+    bridge = [k for k in log[0] if k.startswith(("bridge/", "distill/"))]
+    assert log[0]["distill/mse"] > 0 and log[0]["bridge/classification"] > 0  # step 1 distils (on a window)
+    assert bridge and all(log[1][k] == 0 for k in bridge)
+    args = train_coco.parse_args(["--mode", "lrdet", "--bridge-crop", "0.5", "--distill-every", "3",
+                                  *_data_args(shapes), "--teacher", str(teacher)])
+    assert (args.bridge_crop, args.distill_every) == (0.5, 3)
