@@ -11,7 +11,8 @@ from .adapters import SplitPoints, TORCHVISION_SPLIT_POINTS
 from .align import resample_to_hr
 from .context import DistillContext
 from .distiller import BridgeDistiller
-from .errors import InputError, LevelMatchError, LossError, LRDetError, NonFiniteError, SplitPointError
+from .errors import (InputError, LevelMatchError, LossError, LRDetError, MissingTeacherError, NonFiniteError,
+                     SplitPointError)
 from .inherit import InheritReport, inherit_weights
 from .losses import LOSSES, RECOMMENDED_ALPHA, build_loss
 
@@ -21,4 +22,5 @@ __all__ = [
     "BridgeDistiller", "SplitPoints", "TORCHVISION_SPLIT_POINTS", "DistillContext", "resample_to_hr",
     "inherit_weights", "InheritReport", "LOSSES", "RECOMMENDED_ALPHA", "build_loss",
     "LRDetError", "SplitPointError", "LevelMatchError", "InputError", "LossError", "NonFiniteError",
+    "MissingTeacherError",
 ]

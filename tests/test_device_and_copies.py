@@ -11,8 +11,7 @@ import pickle
 import pytest
 import torch
 
-from lrdet_core import BridgeDistiller, SplitPoints
-from lrdet_core.errors import LRDetError, MissingTeacherError
+from lrdet_core import BridgeDistiller, LRDetError, MissingTeacherError, SplitPoints
 from tiny import RecordingLoss, TinyDetector, batch, retinanet, seeded
 
 #: One of each family; YOLO26 (its own criterion, E2ELoss) joins on the GPU, where the criterion moves too.
@@ -74,7 +73,9 @@ def test_to_double_half_float_move_the_teacher_along_and_it_stays_frozen(family)
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 @pytest.mark.parametrize("family", FAMILIES + ["yolo26"])
-def test_cuda_moves_the_teacher_and_the_student_trains_on_with_its_criterion(family):
+def test_cuda_moves_the_teacher_and_the_student_trains_on_with_its_criterion(family, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # CPU and GPU losses compared in fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     d, (images, targets) = make(family, alpha=1.0)
     d.train()
     if family == "yolo26":
@@ -94,7 +95,7 @@ def test_cuda_moves_the_teacher_and_the_student_trains_on_with_its_criterion(fam
         assert crit is d.adapter.criterion() and (family != "yolo26" or (crit.updates == 3 and crit.o2m < 0.8))
     if family != "torchvision":  # the same weights on the same batch: the same losses (torchvision resizes there)
         for k in cpu:
-            torch.testing.assert_close(out[k].detach().cpu(), cpu[k], rtol=1e-3, atol=1e-4, msg=k)
+            torch.testing.assert_close(out[k].detach().cpu(), cpu[k], rtol=1e-3, atol=1e-3, msg=k)
 
 
 # --- copies ---------------------------------------------------------------------------------------------------

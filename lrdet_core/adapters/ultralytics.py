@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 try:
-    import ultralytics  # AGPL-3.0: the optional extra lrdet-core[ultralytics]
+    import ultralytics  # noqa: F401 - AGPL-3.0: the optional extra lrdet-core[ultralytics]
 except ImportError as e:  # pragma: no cover - only without the extra
     raise ImportError("lrdet_core.adapters.ultralytics needs Ultralytics: pip install 'lrdet-core[ultralytics]'") from e
 
