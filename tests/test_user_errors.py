@@ -467,10 +467,10 @@ def test_neck_called_once_per_level_is_named(bridge):
 # --- 8. loss names ------------------------------------------------------------------------------------------
 def test_loss_names_are_normalised_once(retina_pair):
     from lrdet_core import RECOMMENDED_ALPHA
-    d = BridgeDistiller(*retina_pair, loss=" MSE ").train()
+    d = BridgeDistiller(*retina_pair, loss=" MSE ", alpha=None).train()  # None: the recommended alpha, by name
     assert d.alpha == RECOMMENDED_ALPHA["mse"] and d.loss_name == "mse"
     assert "distill/mse" in d(*batch())
-    d = BridgeDistiller(*retina_pair, loss="FGD")
+    d = BridgeDistiller(*retina_pair, loss="FGD", alpha=None)
     assert d.alpha == RECOMMENDED_ALPHA["fgd"] and d.losses["teacher"].preset == "retinanet"
 
 
