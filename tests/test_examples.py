@@ -161,7 +161,8 @@ def test_toy_coco_is_a_coco_dataset_whose_boxes_are_the_painted_rectangles(tmp_p
 
     _run("toy_coco.py", str(tmp_path), "--train", "3", "--val", "2")
     for split, n in (("train", 3), ("val", 2)):
-        ds = CocoDetection(str(tmp_path / f"{split}2017"), str(tmp_path / "annotations" / f"instances_{split}2017.json"))
+        ann_file = tmp_path / "annotations" / f"instances_{split}2017.json"
+        ds = CocoDetection(str(tmp_path / f"{split}2017"), str(ann_file))
         assert len(ds) == n
         for img, anns in ds:
             pixels = np.asarray(img).astype(int)

@@ -2,14 +2,18 @@
 
 torchvision's ``references/detection`` trains full-size detectors from ``get_model`` with SGD (momentum 0.9,
 weight decay 1e-4), a linear warm-up from 1/1000 of the learning rate, and ``sum(loss_dict.values())``.
-Here the same loop, plus gradient clipping, runs a ResNet-50 FPN RetinaNet and FCOS, both from scratch,
-wrapped with nothing but ``BridgeDistiller(student, teacher)``. With the paper's ``alpha = 0.005`` as the
-default, the distillation term of untrained models is ~10^5 times the detection loss: without clipping
-the run stops with ``NonFiniteError`` within a few steps, with clipping it trains the distillation term
-only and the detection loss rises. The default must train the detector.
+The same loop here, plus gradient clipping (as the README's loops), runs a ResNet-50 FPN RetinaNet and FCOS,
+both from scratch, wrapped with nothing but ``BridgeDistiller(student, teacher)``.
 
-Small images (student 64 px, teacher 128 px) keep it cheap: the models are full size, only the canvases
-are small. Three fixed batches are cycled, so each quarter of the run sees the same images equally often.
+With the paper's ``alpha = 0.005`` as the default (``alpha=None`` now), the distillation term of these
+untrained models starts 2e5 times the detection loss: with clipping, the run trains that term alone and the
+detection loss stays where it started (within 1 % from the first to the last quarter, both models); without
+clipping it stops with ``NonFiniteError`` at the 4th step (both models). The default must train the detector
+itself. Clipping stays: from scratch with this short warm-up, LRDet's summed objective (the LR and the bridge's
+detection losses) diverged without it for RetinaNet at step 20, while the plain student did not.
+
+Small canvases (student 64 px, teacher 128 px) keep it cheap; the models are full size. Three fixed
+batches are cycled, so each quarter of the run sees the same images equally often.
 """
 import math
 
@@ -19,6 +23,12 @@ import torch
 from lrdet_core import BridgeDistiller
 
 STEPS, N_BATCHES, LR_SIZE, HR_SIZE = 24, 3, 64, 128
+#: The student's detection loss must fall by at least this fraction from the first to the last quarter (the
+#: default: -35 % RetinaNet, -27 % FCOS; alpha=0.005: -0.9 % and -0.5 %).
+MIN_DETECTION_DROP = 0.10
+
+# One thread: ~20 s of CPU per model; with two, both took 620 s of CPU on a shared, loaded 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(g: torch.Generator, n: int = 2, size: int = 128):
@@ -29,7 +39,8 @@ def _batch(g: torch.Generator, n: int = 2, size: int = 128):
         boxes, labels = [], []
         for _ in range(3):
             w, h = torch.randint(16, 48, (2,), generator=g).tolist()
-            x, y = torch.randint(0, size - w, (1,), generator=g).item(), torch.randint(0, size - h, (1,), generator=g).item()
+            x = int(torch.randint(0, size - w, (1,), generator=g))
+            y = int(torch.randint(0, size - h, (1,), generator=g))
             label = int(torch.randint(1, 3, (1,), generator=g))
             img[label - 1, y:y + h, x:x + w] += 0.7  # the class is the colour
             boxes.append([x, y, x + w, y + h])
@@ -75,9 +86,9 @@ def test_reference_loop_trains_resnet50_detectors_from_scratch_with_the_defaults
         totals.append(losses.item())
         detection.append(sum(v.item() for k, v in loss_dict.items() if k.startswith("lr/")))
 
-    # Decreasing: the last quarter's mean below the first quarter's, for the objective and for the student's own
-    # detection loss (what LRDet is for; the paper's alpha trains the distillation term alone and this rises).
+    # Decreasing: the last quarter's mean below the first quarter's for the objective, and by a clear margin for
+    # the student's own detection loss (what LRDet is for; the paper's alpha trains the distillation term alone).
     first, last = _quarters(totals)
     assert last < first, (name, totals)
     first, last = _quarters(detection)
-    assert last < first, (name, detection)
+    assert last < (1 - MIN_DETECTION_DROP) * first, (name, detection)
