@@ -339,7 +339,8 @@ def test_state_dict_has_no_teacher_and_student_export_loads_strictly():
         warnings.simplefilter("ignore")
         d = BridgeDistiller(student, teacher)
     assert not any(k.startswith("teacher") or "_teachers" in k for k in d.state_dict())
-    assert len(d.state_dict()) == len(student.state_dict()) + len(d.projectors.state_dict())
+    assert set(d.state_dict()) == ({f"student.{k}" for k in student.state_dict()} | {"auto_alpha"}  # the default
+                                   | {f"projectors.{k}" for k in d.projectors.state_dict()})
     fresh = retinanet(size=64, **keep_all)
     fresh.load_state_dict(d.student_state_dict(), strict=True)
     fresh.eval(), d.eval()

@@ -129,7 +129,8 @@ def test_per_half_average_against_the_whole_batch():
 def test_parameters_created_after_a_process_group_is_up_raise_instead_of_desyncing():
     # DDP synchronises only the parameters it was built with; a projector created inside its forward
     # would train separately on every rank. materialize() before wrapping is the documented way.
-    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, hr_scale=2.0).train()
+    # A fixed alpha: "auto" would all-reduce its first measurement in the pretended process group.
+    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, hr_scale=2.0, alpha=1e-3).train()
     images, targets, _, _ = tiny_batch(0, n=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.distributed, "is_initialized", lambda: True)
@@ -238,7 +239,8 @@ def test_checkpoint_resume_gives_the_identical_next_step(tmp_path):
     assert not any("teacher" in k and not k.startswith(("losses.teacher.", "projectors.teacher_"))
                    for k in ckpt["distiller"])
     assert set(ckpt["distiller"]) == {f"student.{k}" for k in d.student.state_dict()} | {
-        f"losses.{k}" for k in d.losses.state_dict()} | {f"projectors.{k}" for k in d.projectors.state_dict()}
+        f"losses.{k}" for k in d.losses.state_dict()} | {f"projectors.{k}" for k in d.projectors.state_dict()} | {
+        "auto_alpha"}  # the default alpha="auto", measured at the first step: resumed, not measured again below
     # A new process: fresh student (other init), the teacher re-attached, nothing run before loading.
     torch.manual_seed(123)
     teacher = TinyDetector(neck_channels=24)
