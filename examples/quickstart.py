@@ -55,7 +55,7 @@ def main() -> None:
         loss = sum(loss_dict.values())                                  # 3. train as usual
         optimizer.zero_grad()
         loss.backward()
-        # Untrained networks disagree wildly, so the summed MSE starts huge; clipping keeps SGD sane.
+        # Untrained networks: clipping keeps the first SGD steps sane.
         torch.nn.utils.clip_grad_norm_(distiller.parameters(), 10.0)
         optimizer.step()
         print(f"step {step}: " + "  ".join(f"{k}={v.item():.3f}" for k, v in loss_dict.items()))

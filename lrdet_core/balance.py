@@ -1,9 +1,14 @@
-"""``alpha="auto"``: the distillation weight that puts ``alpha * L_FD`` at a set fraction of ``L_det(LR)``.
+"""``alpha="auto"`` (the default): the distillation weight that puts ``alpha * L_FD`` at a set fraction of
+``L_det(LR)``; and the first-step balance check of ``alpha=None`` (the loss's recommended value).
 
 Summed feature losses scale with the model's feature size and magnitude, so one fixed ``alpha`` can be
 10^4 times off for another model. ``alpha="auto"`` measures both terms at the first training step and
 fixes ``alpha_t = ratio * L_det(LR) / L_FD_t`` for each teacher ``t``. Under ``torch.distributed`` the
 measured terms are averaged over the ranks first, so every rank uses the same ``alpha``.
+
+A number the user passes is used as given and never checked. ``alpha=None`` takes the recommended value
+of the loss (:data:`lrdet_core.losses.RECOMMENDED_ALPHA`, e.g. the paper's 0.005 for summed MSE), which
+nobody measured on this model: the first step warns when it is far off (:func:`check_balance`).
 """
 from __future__ import annotations
 
@@ -54,8 +59,8 @@ def auto_alphas(det: Tensor, distill: Sequence[Tensor], ratio: float) -> Tuple[L
     return [ratio * vals[0] / v if ok(vals[0]) and ok(v) else None for v in vals[1:]], vals
 
 
-#: At the first step with a default ``alpha``, warn when ``alpha * L_FD / L_det(LR)`` is above this or below its
-#: inverse.
+#: At the first step with ``alpha=None`` (the recommended value), warn when ``alpha * L_FD / L_det(LR)`` is above
+#: this or below its inverse.
 BALANCE_WARN = 100.0
 
 
@@ -78,8 +83,9 @@ def report_auto_alpha(keys: Sequence[str], alphas: Sequence[float], terms: Seque
 def check_balance(out: Mapping[str, Tensor], alpha: float) -> None:
     """Warn once, at the first step, when ``alpha * L_FD`` dwarfs or vanishes against ``L_det(LR)``.
 
-    Summed MSE grows with the number of feature elements and their scale, so the paper's ``alpha = 0.005``
-    (ResNet-50 FPN on COCO) can be 10^4 times too large for another model.
+    Run for ``alpha=None`` only (the loss's recommended value). Summed MSE grows with the number of feature
+    elements and their scale, so the paper's ``alpha = 0.005`` (ResNet-50 FPN on COCO) can be 10^4 times too
+    large for another model.
     """
     det = sum(v.detach().item() for k, v in out.items() if k.startswith("lr/"))
     for k, v in out.items():
@@ -91,8 +97,8 @@ def check_balance(out: Mapping[str, Tensor], alpha: float) -> None:
             warn_user(f"LRDet: at the first step {k} = {v:.4g} is {ratio:.3g} times the LR detection "
                       f"loss ({det:.4g}) with alpha={alpha:g}. alpha={alpha / ratio:.3g} would make "
                       f"them equal; a distillation term within ~0.1-10x of the detection loss is the usual "
-                      f"regime. Set alpha explicitly to silence this, or alpha='auto' to measure it at the "
-                      f"first step.")
+                      f"regime. Set a numeric alpha to silence this, or alpha='auto' (the default) to measure "
+                      f"it at the first step.")
 
 
 def step_alphas(auto_alpha: Tensor, out: Mapping[str, Tensor], distill: Mapping[str, Tensor], ratio: float,
@@ -116,8 +122,12 @@ def step_alphas(auto_alpha: Tensor, out: Mapping[str, Tensor], distill: Mapping[
 
 def auto_alpha_from_state_dict(state_dict: Dict[str, Any], key: str, alpha: Any, buffer: Optional[Tensor]) -> None:
     """Loading a checkpoint: one without ``auto_alpha`` into an ``alpha="auto"`` distiller measures at the next
-    step; one with it into a numeric-alpha distiller keeps the numeric alpha (with a warning)."""
+    step; one with it into a numeric-alpha distiller keeps the numeric alpha. Both with a warning: the
+    weight of the distillation term changes from the one the checkpoint was trained with."""
     if alpha == "auto" and key not in state_dict:
+        warn_user("LRDet: the checkpoint holds no alpha='auto' values (it was saved by a distiller with a "
+                  "numeric alpha, or an alpha=None one), so alpha is measured again at the next training step; "
+                  "build the distiller with the alpha the checkpoint was trained with to resume with it")
         state_dict[key] = torch.full_like(buffer, math.nan)
     elif alpha != "auto" and key in state_dict:
         warn_user(f"LRDet: the checkpoint holds alpha='auto' values {state_dict[key].tolist()}, but this "

@@ -39,6 +39,7 @@ from .projectors import Projectors, check_late_creation
 from .ranks import check_teachers_across_ranks
 from .recording import Feats
 from .schedule import DistillSchedule, skipped_step
+from .resolution import StepResolutionCheck
 from .teacher_losses import LossSpec, build_teacher_losses, loss_key
 from .validate import who as _who
 
@@ -64,14 +65,15 @@ class BridgeDistiller(nn.Module):
             ``(student_feats, teacher_feats, ctx) -> Tensor``. Each teacher gets its own instance.
         loss_kwargs: constructor arguments of a named loss, e.g. ``{"reduction": "mean"}``. For ``"fgd"``
             the preset defaults to the student's torchvision family (retinanet, fcos or rcnn).
-        alpha: weight of the distillation term, a finite number >= 0; ``None`` takes the recommended value
-            of a named loss (0.005 for MSE with sum reduction, the paper's) and 1.0 for a custom callable.
-            With the default, the first step warns if ``alpha * L_FD`` is over 100x (or under 1/100) the LR
-            detection loss and suggests the alpha that balances them: summed losses scale with the
-            model's feature size and magnitude. ``"auto"``: measured at the first training step so that
-            ``alpha * L_FD = alpha_ratio * L_det(LR)``, one alpha per teacher, the same on every DDP rank
+        alpha: weight of the distillation term. ``"auto"`` (default): measured at the first training step so
+            that ``alpha * L_FD = alpha_ratio * L_det(LR)``, one alpha per teacher, the same on every DDP rank
             (the terms are averaged over ranks), kept in ``state_dict()`` (buffer ``auto_alpha``) so that a
             resumed run does not re-measure; ``materialize()`` does not measure it. See :attr:`alphas`.
+            A finite number >= 0 is used as given. ``None`` takes the recommended value of a named loss
+            (:data:`~lrdet_core.RECOMMENDED_ALPHA`: 0.005 for MSE with sum reduction, the paper's) and 1.0
+            for a custom callable; then the first step warns if ``alpha * L_FD`` is over 100x (or under
+            1/100) the LR detection loss and suggests the alpha that balances them: summed losses scale
+            with the model's feature size and magnitude, so one fixed value can be 10^4 times off.
         alpha_ratio: with ``alpha="auto"``: the target ``alpha * L_FD / L_det(LR)``; default 0.5.
         inherit: initialise the student from the (first) teacher where names and shapes match (Sec. 3.2).
         bridge: ``False`` gives the conventional "upsample" distillation of Table 1 instead: the LR neck
@@ -122,7 +124,8 @@ class BridgeDistiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: Union[nn.Module, Sequence[nn.Module], Mapping[str, nn.Module]],
                  split_points: Optional[SplitPoints] = None, teacher_split_points: Optional[SplitPoints] = None,
-                 loss: LossSpec = "mse", alpha: Optional[float] = None, inherit: bool = False, bridge: bool = True,
+                 loss: LossSpec = "mse", alpha: Union[float, str, None] = "auto", inherit: bool = False,
+                 bridge: bool = True,
                  hr_source: str = "teacher", hr_scale: Optional[float] = None, bridge_rois: Optional[int] = None,
                  check_finite: str = "raise", loss_kwargs: Optional[Mapping[str, Any]] = None,
                  alpha_ratio: Optional[float] = None, level_map: Optional[LevelMap] = None,
@@ -160,7 +163,7 @@ class BridgeDistiller(nn.Module):
 
         self.loss_name = loss_key(loss)
         self._dkeys = {n: _key("distill", n, self.loss_name) for n in teachers}  # the distill/<loss> keys
-        self._balance_checked = alpha is not None  # a user-chosen alpha is not second-guessed
+        self._balance_checked = alpha is not None  # a chosen alpha (a number or "auto") is not second-guessed
         if alpha is None:
             alpha = RECOMMENDED_ALPHA.get(loss, 1.0) if isinstance(loss, str) else 1.0
         self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)
@@ -175,6 +178,7 @@ class BridgeDistiller(nn.Module):
         self._register_load_state_dict_pre_hook(self._projectors_from_state_dict)
         self._reported, self._reported_hr_scale = set(), False  # warned about: unpaired levels, hr_scale unused
         self._teachers_compared = False  # across the ranks of a process group, once
+        self._check_resolution = StepResolutionCheck()  # an LR view at or above HR (e.g. _skip_resize), once
 
         first = next(iter(teachers.values()))
         self.inherit_report: Optional[InheritReport] = inherit_weights(student, first) if inherit else None
@@ -296,6 +300,7 @@ class BridgeDistiller(nn.Module):
             if lr.backbone.batch != hr.neck.batch:
                 raise InputError(f"expected the HR view to hold the same {lr.backbone.batch} images as the LR batch, "
                                  f"but the {ad.role} saw {hr.neck.batch}")
+            self._check_resolution(ad.role, lr.sizes, hr.sizes, self.student)
             if self.bridge:
                 bridge_losses, s_feats = self.adapter.bridge_pass(images, targets, hr, self._replay(lr, hr),
                                                                   self.bridge_rois)

@@ -15,7 +15,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import TinyDetector  # noqa: E402
 
-from lrdet_core import BridgeDistiller, LRDetError, SplitPoints  # noqa: E402
+from lrdet_core import RECOMMENDED_ALPHA, BridgeDistiller, LRDetError, SplitPoints  # noqa: E402
 
 TINY_SPLIT = SplitPoints(backbone="backbone", neck="neck")
 STEPS, BATCH, LR = 2, 4, 0.1
@@ -58,7 +58,9 @@ def part(data, sl: slice):
 
 
 def make_distiller(loss: str = "fgd", **kw) -> BridgeDistiller:
-    """Student with 16 neck channels, teacher with 24: 1x1 projectors; FGD adds GcBlocks."""
+    """Student with 16 neck channels, teacher with 24: 1x1 projectors; FGD adds GcBlocks. A fixed alpha (the
+    loss's recommended one) unless given: DDP and one process must weight the term alike."""
+    kw.setdefault("alpha", RECOMMENDED_ALPHA[loss])
     d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, loss=loss, **kw)
     images, targets, hr, hr_targets = tiny_batch(99, n=2)
     return d.materialize(images, targets, hr_images=hr, hr_targets=hr_targets)
@@ -115,7 +117,7 @@ def main(out_dir: str) -> None:
     # SyncBatchNorm in a real process group (BatchNorm student this time).
     torch.manual_seed(0)
     student = nn.SyncBatchNorm.convert_sync_batchnorm(TinyDetector())
-    sd = BridgeDistiller(student, gn_tiny(1), split_points=TINY_SPLIT, hr_scale=2.0).train()
+    sd = BridgeDistiller(student, gn_tiny(1), split_points=TINY_SPLIT, hr_scale=2.0, alpha=0.005).train()
     images, targets, _, _ = tiny_batch(5, n=2)
     try:
         sum(sd(images, targets).values()).backward()

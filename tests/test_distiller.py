@@ -67,7 +67,7 @@ def _neck_recorder(model):
 def test_bridge_runs_at_hr_and_objective_is_the_sum():
     student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
     plain = copy.deepcopy(student).train()
-    d = BridgeDistiller(student, teacher).train()
+    d = BridgeDistiller(student, teacher, alpha=0.005).train()  # a fixed alpha: "auto" would set distill/mse itself
     s_necks, t_necks = _neck_recorder(student), _neck_recorder(teacher)
     images, targets = batch(sizes=((100, 100), (100, 100)))
     out = d(images, targets)
@@ -319,7 +319,7 @@ def test_mask_rcnn_bridge_rois_knob():
 
 def test_upsample_distillation_mode_has_no_bridge():
     student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
-    d = BridgeDistiller(student, teacher, bridge=False).train()
+    d = BridgeDistiller(student, teacher, bridge=False, alpha=0.005).train()
     s_necks, t_necks, lists = _neck_recorder(student), _neck_recorder(teacher), {}
     student.transform.register_forward_hook(lambda m, i, o: lists.update(lr=o[0]))
     teacher.transform.register_forward_hook(lambda m, i, o: lists.update(hr=o[0]))
@@ -344,7 +344,8 @@ def test_state_dict_has_no_teacher_and_student_export_loads_strictly():
         warnings.simplefilter("ignore")
         d = BridgeDistiller(student, teacher)
     assert not any(k.startswith("teacher") or "_teachers" in k for k in d.state_dict())
-    assert len(d.state_dict()) == len(student.state_dict()) + len(d.projectors.state_dict())
+    assert set(d.state_dict()) == ({f"student.{k}" for k in student.state_dict()} | {"auto_alpha"}  # the default
+                                   | {f"projectors.{k}" for k in d.projectors.state_dict()})
     fresh = retinanet(size=64, **keep_all)
     fresh.load_state_dict(d.student_state_dict(), strict=True)
     fresh.eval(), d.eval()
@@ -414,7 +415,7 @@ def test_custom_model_with_explicit_hr_view_and_inplace_ops_after_the_split_poin
 def test_training_step_with_each_loss(loss):
     from lrdet_core import RECOMMENDED_ALPHA
     student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
-    d = BridgeDistiller(student, teacher, loss=loss).train()
+    d = BridgeDistiller(student, teacher, loss=loss, alpha=None).train()  # None: the loss's recommended alpha
     assert d.alpha == RECOMMENDED_ALPHA[loss]
     if loss == "fgd":  # built at construction (the probe knows the channels): visible to the optimizer
         assert d.losses["teacher"].preset == "retinanet"
@@ -458,9 +459,9 @@ def test_nonfinite_distillation_term_names_the_level():
         BridgeDistiller(student, teacher, loss=loss, check_finite="warn").train()(*batch())
 
 
-def test_default_alpha_warns_once_when_distillation_dwarfs_detection():
+def test_recommended_alpha_warns_once_when_distillation_dwarfs_detection():
     student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
-    d = BridgeDistiller(student, teacher).train()  # untrained nets: 0.005 * MSE_sum is ~1e4 x L_det
+    d = BridgeDistiller(student, teacher, alpha=None).train()  # untrained nets: 0.005 * MSE_sum is ~1e4 x L_det
     with pytest.warns(UserWarning, match=r"distill/mse = .* times the LR detection loss .* alpha=0.005\. alpha=.* "
                                          r"would make them equal"):
         out = d(*batch())
@@ -470,3 +471,21 @@ def test_default_alpha_warns_once_when_distillation_dwarfs_detection():
         warnings.simplefilter("error")
         d(*batch(seed=1))  # once only
         BridgeDistiller(student, teacher, alpha=0.005).train()(*batch())  # an explicit alpha is trusted
+
+
+def test_default_alpha_is_auto_and_puts_distillation_at_half_the_detection_loss():
+    # The default must not diverge where 0.005 * MSE_sum would be ~1e4 x L_det (as in the test above): it is
+    # measured at the first step, alpha * L_FD = 0.5 * L_det(LR), and no balance warning second-guesses it.
+    student, teacher = seeded(retinanet, size=64), seeded(retinanet, seed=1, size=128)
+    d = BridgeDistiller(student, teacher).train()
+    assert d.alpha == "auto" and d.alphas == {"teacher": None}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = d(*batch())
+    messages = [str(w.message) for w in seen]
+    assert any("alpha='auto' at the first step" in m for m in messages), messages
+    assert not any("times the LR detection loss" in m for m in messages), messages
+    det = sum(v.double() for k, v in out.items() if k.startswith("lr/"))
+    torch.testing.assert_close(out["distill/mse"].double(), 0.5 * det, rtol=1e-6, atol=0)
+    alpha = d.alphas["teacher"]
+    assert alpha is not None and alpha < 0.005 / 100  # far below the paper's value on these untrained nets

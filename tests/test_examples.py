@@ -158,3 +158,25 @@ def _check_outputs(out: Path) -> dict:
     main = summary["val"].get("AP", summary["val"].get("bbox_AP"))
     assert math.isfinite(main) and 0.0 <= main <= 1.0
     return summary
+
+
+def test_toy_coco_is_a_coco_dataset_whose_boxes_are_the_painted_rectangles(tmp_path):
+    # The dataset of docs/torchvision-reference.md: loadable by torchvision's CocoDetection (what the reference
+    # script reads), every box a rectangle painted in its category's colour, with its polygon and area.
+    import numpy as np
+    from torchvision.datasets import CocoDetection
+
+    _run("toy_coco.py", str(tmp_path), "--train", "3", "--val", "2")
+    for split, n in (("train", 3), ("val", 2)):
+        ann_file = tmp_path / "annotations" / f"instances_{split}2017.json"
+        ds = CocoDetection(str(tmp_path / f"{split}2017"), str(ann_file))
+        assert len(ds) == n
+        for img, anns in ds:
+            pixels = np.asarray(img).astype(int)
+            assert anns and {a["category_id"] for a in anns} <= {1, 2}
+            for a in anns:
+                x, y, w, h = a["bbox"]
+                assert 0 <= x and x + w <= img.width and 0 <= y and y + h <= img.height and a["area"] == w * h
+                assert a["segmentation"] == [[x, y, x + w, y, x + w, y + h, x, y + h]] and a["iscrowd"] == 0
+                centre = pixels[y + h // 2, x + w // 2]
+                assert centre[a["category_id"] - 1] > 150, (a, centre)  # JPEG: not exactly the painted 230

@@ -156,7 +156,8 @@ def test_mismatched_pyramid_levels(keep, resize):
         return values[-1]
 
     teacher.neck.register_forward_hook(edit)
-    d = BridgeDistiller(TinyDetector(), teacher, split_points=TINY_SPLIT, hr_scale=2.0, loss=recording).train()
+    d = BridgeDistiller(TinyDetector(), teacher, split_points=TINY_SPLIT, hr_scale=2.0, loss=recording,
+                        alpha=None).train()  # None: the recommended alpha, 1 for a callable
     images, targets = torch.rand(2, 3, 64, 64), [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]])}] * 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -156,7 +156,8 @@ def test_per_half_average_against_the_whole_batch():
 def test_parameters_created_after_a_process_group_is_up_raise_instead_of_desyncing():
     # DDP synchronises only the parameters it was built with; a projector created inside its forward
     # would train separately on every rank. materialize() before wrapping is the documented way.
-    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, hr_scale=2.0).train()
+    # A fixed alpha: "auto" would all-reduce its first measurement in the pretended process group.
+    d = BridgeDistiller(gn_tiny(0, 16), gn_tiny(1, 24), split_points=TINY_SPLIT, hr_scale=2.0, alpha=1e-3).train()
     images, targets, _, _ = tiny_batch(0, n=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.distributed, "is_initialized", lambda: True)
@@ -295,7 +296,8 @@ def test_checkpoint_resume_gives_the_identical_next_step(tmp_path):
     assert not any("teacher" in k and not k.startswith(("losses.teacher.", "projectors.teacher_"))
                    for k in ckpt["distiller"])
     assert set(ckpt["distiller"]) == {f"student.{k}" for k in d.student.state_dict()} | {
-        f"losses.{k}" for k in d.losses.state_dict()} | {f"projectors.{k}" for k in d.projectors.state_dict()}
+        f"losses.{k}" for k in d.losses.state_dict()} | {f"projectors.{k}" for k in d.projectors.state_dict()} | {
+        "auto_alpha"}  # the default alpha="auto", measured at the first step: resumed, not measured again below
     # A new process: fresh student (other init), the teacher re-attached, nothing run before loading.
     torch.manual_seed(123)
     teacher = TinyDetector(neck_channels=24)
@@ -363,7 +365,9 @@ def test_numeric_alpha_checkpoints_and_alpha_auto_ones_load_into_each_other():
     numeric = _tiny_distiller("mse", alpha=1e-3).materialize(images, targets)
     auto = _tiny_distiller("mse", alpha="auto").materialize(images, targets)
     assert "auto_alpha" not in numeric.state_dict()  # a numeric alpha's checkpoint is as before
-    auto.load_state_dict(numeric.state_dict())  # strict: an old checkpoint has no auto_alpha
+    with pytest.warns(UserWarning, match=r"the checkpoint holds no alpha='auto' values .* so alpha is measured "
+                                         r"again at the next training step"):
+        auto.load_state_dict(numeric.state_dict())  # strict: an old checkpoint has no auto_alpha
     assert auto.alphas == {"teacher": None}
     with pytest.warns(UserWarning, match="alpha='auto' at the first step"):
         auto.train()(images, targets)  # nothing was measured before: measured now

@@ -295,7 +295,8 @@ def test_torchvision_teacher_in_bf16_is_probed_and_trained_with():
     (dict(alpha=float("inf")), r"but got inf"),
     (dict(alpha=True), r"but got True"),
     (dict(alpha="Auto"), r"but got 'Auto'"),
-    (dict(alpha_ratio=0.5), r"alpha_ratio=0.5 only applies with alpha='auto', but got alpha=None"),
+    (dict(alpha=None, alpha_ratio=0.5), r"alpha_ratio=0.5 only applies with alpha='auto', but got alpha=None"),
+    (dict(alpha=1e-3, alpha_ratio=0.5), r"alpha_ratio=0.5 only applies with alpha='auto', but got alpha=0.001"),
     (dict(alpha="auto", alpha_ratio=0.0), r"expected alpha_ratio to be a finite number > 0 .* but got 0.0"),
     (dict(alpha="auto", alpha_ratio=float("nan")), r"but got nan"),
     (dict(bridge_rois=0), r"expected bridge_rois to be a positive int .* but got 0"),
@@ -490,10 +491,10 @@ def test_neck_called_once_per_level_is_named(bridge):
 # --- 8. loss names ------------------------------------------------------------------------------------------
 def test_loss_names_are_normalised_once(retina_pair):
     from lrdet_core import RECOMMENDED_ALPHA
-    d = BridgeDistiller(*retina_pair, loss=" MSE ").train()
+    d = BridgeDistiller(*retina_pair, loss=" MSE ", alpha=None).train()  # None: the recommended alpha, by name
     assert d.alpha == RECOMMENDED_ALPHA["mse"] and d.loss_name == "mse"
     assert "distill/mse" in d(*batch())
-    d = BridgeDistiller(*retina_pair, loss="FGD")
+    d = BridgeDistiller(*retina_pair, loss="FGD", alpha=None)
     assert d.alpha == RECOMMENDED_ALPHA["fgd"] and d.losses["teacher"].preset == "retinanet"
 
 

@@ -47,7 +47,8 @@ from lrdet_core.losses.mse import MSELoss, mse_loss
 LOSSES: Dict[str, type] = {"mse": MSELoss, "l1": L1Loss, "cwd": CWDLoss, "fgd": FGDLoss}
 
 #: The distiller weight ``alpha`` (on the loss's output) recommended for each named loss with its
-#: default arguments.
+#: default arguments: ``BridgeDistiller(..., alpha=None)`` takes it (the default is ``alpha="auto"``,
+#: measured on the model at the first step).
 #:
 #: ``mse``: 0.005 with sum reduction, the paper's value (Eq. 1, Table 9). ``l1`` and ``cwd`` are
 #: chosen so that ``alpha * loss`` matches ``0.005 * MSE_sum`` on a RetinaNet pyramid (P3-P7 of an
