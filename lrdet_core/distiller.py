@@ -300,7 +300,8 @@ class BridgeDistiller(nn.Module):
             if lr.backbone.batch != hr.neck.batch:
                 raise InputError(f"expected the HR view to hold the same {lr.backbone.batch} images as the LR batch, "
                                  f"but the {ad.role} saw {hr.neck.batch}")
-            self._check_resolution(ad.role, lr.sizes, hr.sizes, self.student)
+            full = hr.window.sizes if hr.window is not None else hr.sizes  # bridge_crop: the images, not the window
+            self._check_resolution(ad.role, lr.sizes, full, self.student)
             if self.bridge:
                 bridge_losses, s_feats = self.adapter.bridge_pass(images, targets, hr, self._replay(lr, hr),
                                                                   self.bridge_rois)

@@ -59,3 +59,18 @@ def test_explicit_hr_view_of_the_same_size_is_reported():
     d2 = BridgeDistiller(TinyDetector(), TinyDetector(neck_channels=24), split_points=SplitPoints("backbone", "neck"),
                          alpha=1e-3).train()
     assert not [m for m in _step(d2, images, targets, hr_images=hr, hr_targets=targets) if _REPORT in m]
+
+
+def test_a_window_of_bridge_crop_is_not_taken_for_the_teachers_resolution():
+    # With bridge_crop the teacher runs on a window smaller than the LR image; the images themselves are still
+    # at twice the LR size, so nothing is reported.
+    torch.manual_seed(0)
+    d = BridgeDistiller(TinyDetector(), TinyDetector(neck_channels=24), split_points=SplitPoints("backbone", "neck"),
+                        alpha=1e-3, bridge_crop=0.25).train()
+    images = torch.rand(2, 3, 128, 128)
+    targets = [{"boxes": torch.tensor([[2.0, 3.0, 80.0, 90.0]])} for _ in range(2)]
+    hr = torch.nn.functional.interpolate(images, scale_factor=2.0)
+    hr_targets = [{"boxes": t["boxes"] * 2} for t in targets]
+    assert not [m for m in _step(d, images, targets, hr_images=hr, hr_targets=hr_targets) if _REPORT in m]
+    h, w = d.crop.windows["teacher"].size
+    assert h * w < 128 * 128  # the window has fewer pixels than the LR image
