@@ -44,17 +44,25 @@ def watch_load_creation(module: nn.Module) -> None:
     parameters created by the pre-hooks of submodules are seen too (the check runs once the whole module
     has loaded).
     """
-    before: List[Set[int]] = []
+    watch = LoadWatch(module)
+    module._register_load_state_dict_pre_hook(watch.before_load)
+    module.register_load_state_dict_post_hook(watch.after_load)
 
-    def pre(*args: Any) -> None:
-        before.append({id(p) for p in module.parameters()})
 
-    def post(mod: nn.Module, incompatible_keys: Any) -> None:
-        seen = before.pop() if before else set()
+class LoadWatch:
+    """The two hooks of :func:`watch_load_creation` as one object: copies and pickles of the module carry it (a
+    closure would not pickle, and a deep copy would keep watching the original module)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.before: List[Set[int]] = []
+
+    def before_load(self, *args: Any) -> None:
+        self.before.append({id(p) for p in self.module.parameters()})
+
+    def after_load(self, mod: nn.Module, incompatible_keys: Any) -> None:
+        seen = self.before.pop() if self.before else set()
         check_created_by_loading([n for n, p in mod.named_parameters() if id(p) not in seen])
-
-    module._register_load_state_dict_pre_hook(pre)
-    module.register_load_state_dict_post_hook(post)
 
 
 def check_created_by_loading(names: Sequence[str]) -> None:

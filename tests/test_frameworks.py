@@ -5,6 +5,8 @@ The framework tests run for real where the framework is installed (the ``test`` 
 skipped otherwise. The teacher's comparison across ranks is tested in ``test_reliability.py`` (gloo ranks).
 """
 import ast
+import copy
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -85,6 +87,21 @@ def test_materialize_before_loading_creates_nothing_and_loads_every_value(checkp
         d.load_state_dict(state)
     assert [id(p) for p in d.parameters()] == params
     assert all(torch.equal(v, state[k]) for k, v in d.state_dict().items())
+
+
+def test_copies_of_a_distiller_watch_their_own_parameters_when_loading(checkpoint):
+    # An EMA (deepcopy) or a pickled copy loads checkpoints too: its watch must look at the copy's parameters (a
+    # watch of the original would take every parameter of the copy for a new one), and pickling must work.
+    state, data = checkpoint
+    d = _distiller(loss="fgd").materialize(data[0], data[1], hr_images=data[2], hr_targets=data[3]).train()
+    for c in (copy.deepcopy(d), pickle.loads(pickle.dumps(d))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            c.load_state_dict(state)
+        assert all(torch.equal(v, state[k]) for k, v in c.state_dict().items())
+    fresh = copy.deepcopy(_distiller(loss="fgd"))  # a copy of a distiller that never ran: loading creates
+    with pytest.warns(UserWarning, match=r"load_state_dict created \d+ parameters"):
+        fresh.load_state_dict(state)
 
 
 def test_parameters_created_by_loading_under_a_process_group_raise(checkpoint, monkeypatch):
